@@ -1,0 +1,835 @@
+#!/usr/bin/env python3
+"""Mailchimp's OAuth 2 flow, step by step, in one standard-library module.
+
+The Python counterpart of the Express sample in Mailchimp's guide "Access Data on
+Behalf of Other Users with OAuth 2". A small web app that connects a Mailchimp
+account, in the guide's order:
+
+  1. GET /                          a page with a "Connect with Mailchimp" link
+  2. GET /auth/mailchimp            redirect to Mailchimp's authorize page, with a `state`
+  3. GET /oauth/mailchimp/callback  Mailchimp sends the browser back with `code` and `state`
+  4. POST {login}/oauth2/token      trade the code for an access token
+  5. GET {login}/oauth2/metadata    learn the account's server prefix ("dc", e.g. us19)
+  6. GET {api}/ping                 call the Marketing API with the token
+  7. redirect to /                  which shows the result, the token masked
+
+Run it with the client id and secret from Mailchimp's Registered Apps page:
+
+    export MAILCHIMP_CLIENT_ID=... MAILCHIMP_CLIENT_SECRET=...
+    python mailchimp_oauth_demo.py      # then open http://127.0.0.1:3000
+
+It is teaching code, not a production server: http.server is not reviewed for
+security, connections live only in memory, and it speaks plain HTTP, which is
+fine on 127.0.0.1 and nowhere else. Put a real web framework, HTTPS and a
+database (the token encrypted at rest) in front of the same steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hmac
+import html
+import http.client
+import http.server
+import ipaddress
+import json
+import logging
+import os
+import re
+import secrets
+import socket
+import sys
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from http import HTTPStatus
+from typing import Any, Protocol
+
+logger = logging.getLogger("mailchimp_oauth_demo")  # not __name__: that is "__main__" when run
+
+
+# ---------------------------------------------------------------------------
+# Configuration
+# ---------------------------------------------------------------------------
+
+LOGIN_URL = "https://login.mailchimp.com"
+API_URL = "https://{dc}.api.mailchimp.com/3.0"  # {dc}: the account's server prefix
+CALLBACK_PATH = "/oauth/mailchimp/callback"
+
+
+@dataclass(frozen=True)
+class Config:
+    """What the app knows about itself and about Mailchimp."""
+
+    client_id: str
+    client_secret: str = field(repr=False)  # repr=False: a logged Config never shows it
+    base_url: str = ""  # where browsers reach this app; "" means http://HOST:PORT once bound
+    login_url: str = LOGIN_URL
+    api_url: str = API_URL
+    timeout: float = 10.0  # seconds to wait for Mailchimp before answering 504
+
+    @property
+    def redirect_uri(self) -> str:
+        """The callback URL: registered in Mailchimp and sent in steps 2 and 4, byte for byte."""
+        return self.base_url + CALLBACK_PATH
+
+
+class ConfigError(Exception):
+    """A setting is missing or unsafe: main() prints it as one line and exits with status 2."""
+
+
+def config_from_env(environ: Mapping[str, str], *, base_url: str = "",
+                    timeout: float = 10.0) -> Config:
+    """Read the client credentials, and where Mailchimp is, from environment variables."""
+    config = Config(
+        client_id=required(environ, "MAILCHIMP_CLIENT_ID"),
+        client_secret=required(environ, "MAILCHIMP_CLIENT_SECRET"),
+        base_url=base_url.rstrip("/"),
+        login_url=environ.get("MAILCHIMP_LOGIN_URL", LOGIN_URL).rstrip("/"),
+        api_url=environ.get("MAILCHIMP_API_URL", API_URL).rstrip("/"),
+        timeout=timeout,
+    )
+    if config.base_url:
+        check_base_url(config.base_url)
+    check_upstream_url("MAILCHIMP_LOGIN_URL", config.login_url)
+    if "{dc}" not in config.api_url:
+        raise ConfigError("MAILCHIMP_API_URL must contain {dc}, where the server prefix goes")
+    check_upstream_url("MAILCHIMP_API_URL", config.api_url.replace("{dc}", "us1"))
+    return config
+
+
+def required(environ: Mapping[str, str], name: str) -> str:
+    """One environment variable that must be set."""
+    value = environ.get(name, "").strip()
+    if not value:
+        raise ConfigError(f"{name} is not set: copy it from Mailchimp's Registered Apps page")
+    return value
+
+
+def check_upstream_url(name: str, url: str) -> None:
+    """Refuse plain http:// beyond this machine: the secret and tokens travel on these URLs."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        host, _ = parts.hostname, parts.port  # .port raises ValueError if malformed
+    except ValueError as err:
+        raise ConfigError(f"{name}={url!r} is not a URL: {err}") from err
+    if parts.query or parts.fragment or parts.username or not host:
+        raise ConfigError(f"{name}={url!r} must be scheme://host[:port][/path] and nothing else")
+    if parts.scheme == "https" or (parts.scheme == "http" and is_loopback(host)):
+        return
+    raise ConfigError(f"{name}={url!r} must use https:// "
+                      "(plain http:// is allowed only for 127.0.0.1, ::1 or localhost)")
+
+
+def is_loopback(host: str) -> bool:
+    """True for localhost and loopback addresses, judged from the text alone: no DNS to fool."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_base_url(base_url: str) -> None:
+    """The app's own address must be an origin: the callback path is added to it."""
+    parts = urllib.parse.urlsplit(base_url)
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.path \
+            or parts.query or parts.fragment:
+        raise ConfigError(f"--base-url {base_url!r} must look like http://host:port or https://host")
+
+
+# ---------------------------------------------------------------------------
+# The Mailchimp calls: build each request, read each reply (no sockets here)
+# ---------------------------------------------------------------------------
+
+AUTHORIZE_PATH = "/oauth2/authorize"
+TOKEN_PATH = "/oauth2/token"
+METADATA_PATH = "/oauth2/metadata"
+
+STEP_CALLBACK = "step 3 (callback)"
+STEP_TOKEN = "step 4 (token exchange)"
+STEP_METADATA = "step 5 (metadata)"
+STEP_PING = "step 6 (ping)"
+
+MAX_REPLY_BYTES = 64 * 1024  # Mailchimp's replies are tiny; a huge one is a fault, not data
+AUTH_CODE = re.compile(r"[\x20-\x7e]{1,512}")  # RFC 6749 App. A.11: code is printable ASCII
+ACCESS_TOKEN = re.compile(r"[A-Za-z0-9._~+/-]{1,512}=*")  # RFC 6750 §2.1: safe in a header
+SERVER_PREFIX = re.compile(r"[a-z]{1,10}[0-9]{1,10}")  # "us19": nothing that can reshape a URL
+
+HINT_ROTATED_SECRET = ("Mailchimp did not accept the client id and secret. If the secret was "
+                       "rotated, put the new one in MAILCHIMP_CLIENT_SECRET and restart.")
+HINT_REVOKED = ("Mailchimp no longer accepts this token: the user may have removed the app "
+                "from their account. Connect again.")
+
+
+class FlowError(Exception):
+    """A step failed: the status to answer, the step, and a message safe to show and to log."""
+
+    def __init__(self, status: HTTPStatus, step: str, message: str, hint: str = "") -> None:
+        super().__init__(f"{step}: {message}")
+        self.status = status
+        self.step = step
+        self.message = message
+        self.hint = hint
+
+
+def authorize_url(config: Config, state: str) -> str:
+    """Step 2: where the browser goes to log in to Mailchimp and approve this app."""
+    query = urllib.parse.urlencode({
+        "response_type": "code",
+        "client_id": config.client_id,
+        "redirect_uri": config.redirect_uri,
+        "state": state,  # RFC 6749 §10.12: ties the callback to the browser that started here
+    })  # no `scope`: Mailchimp has none and rejects the parameter
+    return f"{config.login_url}{AUTHORIZE_PATH}?{query}"
+
+
+@dataclass(frozen=True)
+class Callback:
+    """Step 3: what Mailchimp put in the query string when it sent the browser back."""
+
+    state: str = ""
+    code: str = field(default="", repr=False)
+    error: str = ""
+    error_description: str = ""
+
+
+def read_callback(query: str) -> Callback:
+    """Step 3: parse the callback's query string; anything odd is a 400, never a guess."""
+    try:
+        fields = urllib.parse.parse_qs(query, keep_blank_values=True, errors="strict",
+                                       max_num_fields=10)
+    except ValueError as err:  # not UTF-8, or a flood of fields
+        raise FlowError(HTTPStatus.BAD_REQUEST, STEP_CALLBACK,
+                        "The callback's query string could not be read.") from err
+    if any(len(values) > 1 for values in fields.values()):  # which one would be meant?
+        raise FlowError(HTTPStatus.BAD_REQUEST, STEP_CALLBACK,
+                        "The callback repeats a parameter.")
+    return Callback(**{name: fields[name][0] for name in
+                       ("state", "code", "error", "error_description") if name in fields})
+
+
+def denied(callback: Callback) -> FlowError:
+    """Step 3: Mailchimp sent an error instead of a code (the user clicked Deny, say)."""
+    said = printable(f"{callback.error}: {callback.error_description}".rstrip(": "))
+    if callback.error == "access_denied":
+        return FlowError(HTTPStatus.FORBIDDEN, STEP_CALLBACK,
+                         f"Access was not granted, so nothing was shared ({said}).",
+                         "You can connect whenever you like.")
+    return FlowError(HTTPStatus.BAD_GATEWAY, STEP_CALLBACK,
+                     f"Mailchimp refused the authorization request ({said}).")
+
+
+def check_code(callback: Callback) -> str:
+    """Step 3: the authorization code, if it looks like one."""
+    if not callback.code:
+        raise FlowError(HTTPStatus.BAD_REQUEST, STEP_CALLBACK, "The callback carries no code.")
+    if not AUTH_CODE.fullmatch(callback.code):
+        raise FlowError(HTTPStatus.BAD_REQUEST, STEP_CALLBACK,
+                        "The callback's code does not look like an authorization code.")
+    return callback.code
+
+
+def token_request(config: Config, code: str) -> urllib.request.Request:
+    """Step 4: the POST that trades the one-time code for an access token."""
+    form = urllib.parse.urlencode({
+        "grant_type": "authorization_code",
+        "client_id": config.client_id,
+        "client_secret": config.client_secret,
+        "redirect_uri": config.redirect_uri,  # must equal step 2's, byte for byte
+        "code": code,
+    })
+    return urllib.request.Request(
+        config.login_url + TOKEN_PATH, data=form.encode("ascii"), method="POST",
+        headers={"Content-Type": "application/x-www-form-urlencoded",  # a form: JSON is refused
+                 "Accept": "application/json"})
+
+
+def read_token(reply: Reply) -> str:
+    """Step 4: the token from {"access_token": "...", "expires_in": 0, "scope": null}."""
+    token = reply_field(reply_json(reply, STEP_TOKEN), STEP_TOKEN, "access_token")
+    if not ACCESS_TOKEN.fullmatch(token):  # it goes into a header next: no spaces, no CR/LF
+        raise FlowError(HTTPStatus.BAD_GATEWAY, STEP_TOKEN,
+                        "Mailchimp's access token has characters a token cannot have.")
+    return token
+
+
+def metadata_request(config: Config, token: str) -> urllib.request.Request:
+    """Step 5: ask whose account the token opens and, above all, its server prefix."""
+    return authorized(config.login_url + METADATA_PATH, f"OAuth {token}")
+
+
+@dataclass(frozen=True)
+class Account:
+    """Step 5: the part of Mailchimp's metadata this app uses."""
+
+    server_prefix: str
+    name: str
+
+
+def read_metadata(reply: Reply) -> Account:
+    """Step 5: the server prefix (checked: it becomes part of a URL) and the account name."""
+    data = reply_json(reply, STEP_METADATA)
+    prefix = reply_field(data, STEP_METADATA, "dc")
+    if not SERVER_PREFIX.fullmatch(prefix):  # "evil.example/x#" would send the token elsewhere
+        raise FlowError(HTTPStatus.BAD_GATEWAY, STEP_METADATA,
+                        f"Mailchimp's server prefix {printable(prefix)!r} does not look like "
+                        "one (letters then digits, like us19).")
+    return Account(prefix, printable(reply_field(data, STEP_METADATA, "accountname")))
+
+
+def ping_request(config: Config, server_prefix: str, token: str) -> urllib.request.Request:
+    """Step 6: the Marketing API's ping, at this account's own server prefix."""
+    return authorized(config.api_url.replace("{dc}", server_prefix) + "/ping", f"Bearer {token}")
+
+
+def read_ping(reply: Reply) -> str:
+    """Step 6: the API's health status, e.g. "Everything's Chimpy!"."""
+    return printable(reply_field(reply_json(reply, STEP_PING), STEP_PING, "health_status"))
+
+
+def authorized(url: str, authorization: str) -> urllib.request.Request:
+    """A GET carrying the token, which must never follow a redirect to another host."""
+    request = urllib.request.Request(url, headers={"Accept": "application/json"})
+    request.add_unredirected_header("Authorization", authorization)  # urllib copies plain headers
+    return request
+
+
+@dataclass(frozen=True)
+class Reply:
+    """What Mailchimp answered: the status and the first MAX_REPLY_BYTES of the body."""
+
+    status: int
+    body: bytes
+
+
+def reply_json(reply: Reply, step: str) -> dict[str, Any]:
+    """A 2xx reply's JSON object; anything else is a 502 that says what Mailchimp said."""
+    if not 200 <= reply.status < 300:
+        raise refusal(reply, step)
+    try:
+        data = json.loads(reply.body.decode("utf-8"))
+    except (ValueError, RecursionError) as err:  # RecursionError: absurdly nested JSON
+        raise FlowError(HTTPStatus.BAD_GATEWAY, step, "Mailchimp's reply was not JSON.") from err
+    if not isinstance(data, dict):
+        raise FlowError(HTTPStatus.BAD_GATEWAY, step, "Mailchimp's reply was not a JSON object.")
+    return data
+
+
+def reply_field(data: dict[str, Any], step: str, name: str) -> str:
+    """One non-empty string field of a reply."""
+    value = data.get(name)
+    if not isinstance(value, str) or not value:
+        raise FlowError(HTTPStatus.BAD_GATEWAY, step, f"Mailchimp's reply has no {name} text.")
+    return value
+
+
+def refusal(reply: Reply, step: str) -> FlowError:
+    """A non-2xx reply as a 502, quoting Mailchimp's OAuth error or API problem."""
+    error, said = mailchimp_said(reply.body)
+    message = f"Mailchimp answered {reply.status}" + (f": {said}" if said else ".")
+    hint = ""
+    if step == STEP_TOKEN and (error == "invalid_client" or reply.status == 401):
+        hint = HINT_ROTATED_SECRET  # the guide's "Rotate client secret"
+    elif step == STEP_PING and reply.status == 401:
+        hint = HINT_REVOKED
+    return FlowError(HTTPStatus.BAD_GATEWAY, step, message, hint)
+
+
+def mailchimp_said(body: bytes) -> tuple[str, str]:
+    """The error code and its words from an error body, OAuth style or problem+json style."""
+    try:
+        data = json.loads(body.decode("utf-8"))
+    except (ValueError, RecursionError):
+        return "", ""
+    if not isinstance(data, dict):
+        return "", ""
+    words = [data.get(key) for key in ("error", "error_description", "title", "detail")]
+    said = ": ".join(printable(word) for word in words if isinstance(word, str) and word)
+    error = data.get("error")
+    return (error if isinstance(error, str) else ""), said
+
+
+def printable(text: str, limit: int = 200) -> str:
+    """Outside text made fit for a page or a log line: no control characters, bounded length."""
+    cleaned = "".join(ch if ch.isprintable() else " " for ch in text[:limit])
+    return cleaned + ("..." if len(text) > limit else "")
+
+
+# ---------------------------------------------------------------------------
+# The network: one seam, so tests and the sandbox can swap the HTTP client
+# ---------------------------------------------------------------------------
+
+class Opener(Protocol):
+    """What the app needs of an HTTP client: urllib's build_opener(), or a test's fake."""
+
+    def open(self, fullurl: urllib.request.Request, /, *, timeout: float) -> Any: ...
+
+
+def send(opener: Opener, request: urllib.request.Request, *, timeout: float,
+         step: str) -> Reply:
+    """Send one request to Mailchimp; no answer in time is a 504, no answer at all a 502."""
+    host = urllib.parse.urlsplit(request.full_url).netloc
+    try:
+        response = open_reply(opener, request, timeout)
+        try:
+            status, body = int(response.status), response.read(MAX_REPLY_BYTES + 1)
+        finally:
+            response.close()
+    except (TimeoutError, socket.timeout) as err:  # noqa: UP041 -- two classes on Python 3.9
+        raise FlowError(HTTPStatus.GATEWAY_TIMEOUT, step,
+                        f"{host} did not answer within {timeout:g} s.") from err
+    except urllib.error.URLError as err:
+        if isinstance(err.reason, (TimeoutError, socket.timeout)):
+            raise FlowError(HTTPStatus.GATEWAY_TIMEOUT, step,
+                            f"{host} did not answer within {timeout:g} s.") from err
+        raise FlowError(HTTPStatus.BAD_GATEWAY, step,
+                        f"Could not reach {host}: {printable(str(err.reason))}.") from err
+    except (http.client.HTTPException, OSError) as err:
+        raise FlowError(HTTPStatus.BAD_GATEWAY, step,
+                        f"{host} broke off its answer ({type(err).__name__}).") from err
+    if len(body) > MAX_REPLY_BYTES:
+        raise FlowError(HTTPStatus.BAD_GATEWAY, step, f"{host} sent an oversized reply.")
+    return Reply(status, body)
+
+
+def open_reply(opener: Opener, request: urllib.request.Request, timeout: float) -> Any:
+    """The response, whatever its status: urllib raises non-2xx ones, but they are answers too."""
+    try:
+        return opener.open(request, timeout=timeout)
+    except urllib.error.HTTPError as err:
+        return err
+
+
+# ---------------------------------------------------------------------------
+# Logins in progress, and the connections they make
+# ---------------------------------------------------------------------------
+
+LOGIN_LIFETIME = 600.0  # seconds; RFC 6749 §4.1.2 suggests the same 10 minutes for codes
+SESSION_COOKIE = "mailchimp_demo_session"
+SESSION_ID = re.compile(r"[A-Za-z0-9_-]{43}")  # the shape secrets.token_urlsafe(32) makes
+
+
+def new_secret() -> str:
+    """256 random bits: RFC 6749 §10.10 wants guessing odds below 2^-128."""
+    return secrets.token_urlsafe(32)
+
+
+class PendingLogins:
+    """Step 2's state values awaiting their callbacks: tied to a browser, single-use, bounded."""
+
+    def __init__(self, *, lifetime: float = LOGIN_LIFETIME, browsers: int = 1000,
+                 per_browser: int = 10, clock: Callable[[], float] = time.monotonic) -> None:
+        self.lifetime, self.browsers, self.per_browser = lifetime, browsers, per_browser
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._by_session: OrderedDict[str, list[tuple[str, float]]] = OrderedDict()
+
+    def start(self, session: str) -> str:
+        """A new state for this browser; the oldest logins make way so memory stays bounded."""
+        state, now = new_secret(), self.clock()
+        with self._lock:
+            logins = [login for login in self._by_session.pop(session, []) if login[1] > now]
+            logins.append((state, now + self.lifetime))
+            self._by_session[session] = logins[-self.per_browser:]  # re-added last: newest
+            while len(self._by_session) > self.browsers:
+                self._by_session.popitem(last=False)
+        return state
+
+    def finish(self, session: str, state: str) -> bool:
+        """Whether this browser started a login with this state in time; it can't be used twice."""
+        now, given = self.clock(), state.encode()
+        with self._lock:
+            logins = self._by_session.get(session, [])
+            match = next((login for login in logins
+                          if hmac.compare_digest(login[0].encode(), given)), None)
+            if match is not None:
+                logins.remove(match)
+        return match is not None and match[1] > now
+
+
+@dataclass(frozen=True)
+class Connection:
+    """What step 7 keeps: in a real app, a row in your database for this user."""
+
+    access_token: str = field(repr=False)
+    server_prefix: str
+    account_name: str
+    health_status: str
+    connected_at: str  # ISO 8601, UTC
+
+
+class MemoryStore:
+    """Connections by session id, in memory: gone when the server stops."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._connections: dict[str, Connection] = {}
+
+    def save(self, session: str, connection: Connection) -> None:
+        with self._lock:
+            self._connections[session] = connection
+
+    def load(self, session: str) -> Connection | None:
+        with self._lock:
+            return self._connections.get(session)
+
+
+def session_from(cookie_header: str) -> str:
+    """The session id in a Cookie header, or "" (a cookie is outside input: check its shape)."""
+    for pair in cookie_header.split(";"):
+        name, _, value = pair.strip().partition("=")
+        if name == SESSION_COOKIE and SESSION_ID.fullmatch(value):
+            return value
+    return ""
+
+
+def session_cookie(session: str) -> str:
+    """Set-Cookie for the session: HttpOnly keeps page scripts from reading it; SameSite=Lax
+    still sends it when Mailchimp redirects the browser back, but not on cross-site POSTs."""
+    return f"{SESSION_COOKIE}={session}; Path=/; HttpOnly; SameSite=Lax"
+
+
+def mask(token: str) -> str:
+    """Enough of a token to recognise it, not enough to use it."""
+    return "..." + token[-4:] if len(token) >= 16 else "..."
+
+
+# ---------------------------------------------------------------------------
+# Pages
+# ---------------------------------------------------------------------------
+
+PAGE = """<!doctype html>
+<html lang="en">
+<head><meta charset="utf-8"><meta name="viewport" content="width=device-width">
+<title>{title}</title></head>
+<body>
+<h1>{title}</h1>
+{content}
+</body>
+</html>
+"""
+
+WELCOME = """<p>This app connects to a Mailchimp account with OAuth 2. Mailchimp will ask you
+to log in and to approve access; then you come back here.</p>
+<p><a href="/auth/mailchimp">Connect with Mailchimp</a></p>"""
+
+CONNECTED = """<p>Mailchimp accepted the connection. What the app keeps:</p>
+<dl>
+<dt>Account</dt><dd>{account}</dd>
+<dt>Server prefix</dt><dd>{prefix}</dd>
+<dt>Access token</dt><dd>{token} (masked: it never appears in full)</dd>
+<dt>Connected at</dt><dd>{connected_at}</dd>
+<dt>Ping</dt><dd>{health}</dd>
+</dl>
+<p><a href="/auth/mailchimp">Connect again</a></p>"""
+
+PROBLEM = """<p>{message}</p>
+<p>{hint}</p>
+<p><a href="/">Back to the start</a></p>"""
+
+
+def render(template: str, **values: str) -> str:
+    """Fill a template, escaping every value: nothing from outside becomes markup."""
+    return template.format(**{name: html.escape(value) for name, value in values.items()})
+
+
+def page(title: str, content: str) -> bytes:
+    """A whole page around content that is already markup (made by render)."""
+    return PAGE.format(title=html.escape(title), content=content).encode("utf-8")
+
+
+def connected_page(connection: Connection) -> bytes:
+    """Step 1, once this browser has connected: what the app knows, token masked."""
+    return page("Connected to Mailchimp", render(
+        CONNECTED, account=connection.account_name, prefix=connection.server_prefix,
+        token=mask(connection.access_token), connected_at=connection.connected_at,
+        health=connection.health_status))
+
+
+def problem_page(status: HTTPStatus, message: str, hint: str = "") -> bytes:
+    """The one error page: what went wrong, and what to do about it."""
+    return page(f"{status.value} {status.phrase}", render(PROBLEM, message=message, hint=hint))
+
+
+# ---------------------------------------------------------------------------
+# The app: one method per route, each returning a Response to send
+# ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Visit:
+    """What the app reads from a browser's request, already checked for shape."""
+
+    query: str = ""
+    session: str = ""
+
+
+@dataclass(frozen=True)
+class Response:
+    """A response made before it is sent, with a note saying why for the log."""
+
+    status: HTTPStatus
+    body: bytes = b""
+    headers: tuple[tuple[str, str], ...] = ()
+    note: str = ""
+
+
+def redirect(location: str, *headers: tuple[str, str], status: HTTPStatus = HTTPStatus.FOUND,
+             note: str = "") -> Response:
+    """A redirect; Location comes from config or a constant, never from the request."""
+    return Response(status, headers=(("Location", location), *headers), note=note)
+
+
+def failure(err: FlowError) -> Response:
+    """A failed step as the error page, with the same words for the log."""
+    message = f"{err.step[0].upper()}{err.step[1:]} failed: {err.message}"
+    return Response(err.status, problem_page(err.status, message, err.hint), note=message)
+
+
+class OAuthDemo:
+    """The flow itself: the routes of steps 1, 2 and 3 to 7."""
+
+    def __init__(self, config: Config, *, opener: Opener, store: MemoryStore,
+                 logins: PendingLogins) -> None:
+        self.config = config
+        self.opener = opener
+        self.store = store
+        self.logins = logins
+        self.welcome = page("Mailchimp OAuth 2 demo", WELCOME)  # never changes: built once
+
+    def show_index(self, visit: Visit) -> Response:
+        """Step 1: the start page, or what this browser's connection holds."""
+        connection = self.store.load(visit.session) if visit.session else None
+        if connection is None:
+            return Response(HTTPStatus.OK, self.welcome)
+        return Response(HTTPStatus.OK, connected_page(connection))
+
+    def start_login(self, visit: Visit) -> Response:
+        """Step 2: send the browser to Mailchimp, remembering a fresh state for it."""
+        session = visit.session or new_secret()
+        state = self.logins.start(session)
+        return redirect(authorize_url(self.config, state), ("Set-Cookie", session_cookie(session)))
+
+    def finish_login(self, visit: Visit) -> Response:
+        """Steps 3 to 7: check the callback, get the token, the account and a ping, then leave."""
+        callback = read_callback(visit.query)
+        if not callback.state:
+            raise FlowError(HTTPStatus.BAD_REQUEST, STEP_CALLBACK, "The callback has no state.")
+        if not (visit.session and self.logins.finish(visit.session, callback.state)):
+            raise FlowError(HTTPStatus.BAD_REQUEST, STEP_CALLBACK,
+                            "This callback does not match a login started in this browser "
+                            "in the last 10 minutes, or it was used already.",
+                            f"Start again from {self.config.base_url}/ (the same address: "
+                            "127.0.0.1 and localhost keep separate cookies).")
+        if callback.error:
+            raise denied(callback)
+        code = check_code(callback)
+        token = read_token(self.call(token_request(self.config, code), STEP_TOKEN))
+        account = read_metadata(self.call(metadata_request(self.config, token), STEP_METADATA))
+        health = read_ping(self.call(
+            ping_request(self.config, account.server_prefix, token), STEP_PING))
+        self.store.save(visit.session, Connection(
+            token, account.server_prefix, account.name, health,
+            time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())))
+        # Step 7. RFC 6749 §3.1.2.5: don't leave the code in the address bar or history.
+        return redirect("/", status=HTTPStatus.SEE_OTHER)
+
+    def call(self, request: urllib.request.Request, step: str) -> Reply:
+        """One request to Mailchimp, with the configured timeout."""
+        return send(self.opener, request, timeout=self.config.timeout, step=step)
+
+
+ROUTES: dict[str, dict[str, Callable[[OAuthDemo, Visit], Response]]] = {
+    "/": {"GET": OAuthDemo.show_index},
+    "/auth/mailchimp": {"GET": OAuthDemo.start_login},
+    CALLBACK_PATH: {"GET": OAuthDemo.finish_login},
+}
+
+
+# ---------------------------------------------------------------------------
+# The request handler: HTTP in, a Response out, nothing else
+# ---------------------------------------------------------------------------
+
+SECURITY_HEADERS = (
+    ("Cache-Control", "no-store"),  # pages hold account data, URLs hold codes: never cache
+    ("Referrer-Policy", "no-referrer"),  # the callback URL holds the code: don't pass it on
+    ("X-Content-Type-Options", "nosniff"),  # the browser believes our Content-Type, not a guess
+    # No scripts, styles, frames or foreign forms: a missed escape still can't run anything.
+    ("Content-Security-Policy",
+     "default-src 'none'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"),
+)
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    """Parses a request into a Visit, asks the app, and sends the Response it gets."""
+
+    protocol_version = "HTTP/1.1"  # keep-alive, as browsers expect
+    default_request_version = "HTTP/1.0"  # not 0.9: a garbled request still gets our headers
+    server: Server
+
+    def setup(self) -> None:
+        super().setup()
+        self.connection.settimeout(self.server.idle_timeout)  # a silent client lets go
+
+    def do_GET(self) -> None:
+        self.route()
+
+    def do_HEAD(self) -> None:
+        self.route()  # as GET; send() leaves out the body
+
+    def route(self) -> None:
+        """Find the route for the path and method, run it, and send what it made."""
+        path, _, query = self.path.partition("?")
+        if self.headers.get("Content-Length", "0") != "0" or "Transfer-Encoding" in self.headers:
+            self.close_connection = True  # bodies are never read: don't parse one as a request
+        methods = ROUTES.get(path)
+        method = "GET" if self.command == "HEAD" else self.command
+        if methods is None:
+            self.send(Response(HTTPStatus.NOT_FOUND, problem_page(
+                HTTPStatus.NOT_FOUND, "There is no page at this address.")))
+        elif method not in methods:
+            allowed = ", ".join(sorted({*methods, "HEAD"}))
+            self.send(Response(HTTPStatus.METHOD_NOT_ALLOWED, problem_page(
+                HTTPStatus.METHOD_NOT_ALLOWED, f"This address accepts only {allowed}."),
+                headers=(("Allow", allowed),)))
+        else:
+            self.send(self.run(methods[method], query))
+
+    def run(self, action: Callable[[OAuthDemo, Visit], Response], query: str) -> Response:
+        """Run one route; a failed step becomes its error page."""
+        cookies = "; ".join(self.headers.get_all("Cookie") or [])
+        try:
+            return action(self.server.app, Visit(query=query, session=session_from(cookies)))
+        except FlowError as err:
+            return failure(err)
+
+    def send(self, response: Response) -> None:
+        """Status, headers and body in one go; for HEAD, everything but the body."""
+        self.log_response(response)
+        self.send_response_only(response.status)
+        self.send_header("Date", self.date_time_string())
+        for name, value in (*SECURITY_HEADERS, *response.headers):
+            self.send_header(name, value)
+        self.send_header("Content-Type", "text/html; charset=utf-8")
+        self.send_header("Content-Length", str(len(response.body)))
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(response.body)
+
+    def send_error(self, code: int, message: str | None = None,
+                   explain: str | None = None) -> None:
+        """http.server's own refusals (malformed request, unknown method, ...) as our page.
+        Its message can quote the request line, query string and all, so it is not shown."""
+        status = HTTPStatus(code)
+        self.close_connection = True  # after a malformed request the stream can't be trusted
+        self.send(Response(status, problem_page(status, status.description),
+                           note="http.server refused the request"))
+
+    def log_response(self, response: Response) -> None:
+        """One line a request: who, what, the status, and why; never the query string."""
+        target = f"{self.command} {printable(self.path.partition('?')[0], 100)}" \
+            if self.command else "(unreadable request)"
+        level = logging.WARNING if response.status >= 400 else logging.INFO
+        logger.log(level, "%s %s -> %d %s", self.client_address[0], target,
+                   response.status, response.note)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """http.server's own messages; only "Request timed out" on an idle connection is left."""
+        logger.debug("%s %s", self.client_address[0], format % args)
+
+
+# ---------------------------------------------------------------------------
+# The server
+# ---------------------------------------------------------------------------
+
+class Server(http.server.ThreadingHTTPServer):
+    """A thread per connection; the app and the idle timeout travel with the server."""
+
+    daemon_threads = True  # Ctrl+C doesn't wait for idle keep-alive connections
+    app: OAuthDemo
+    idle_timeout: float
+
+    def __init__(self, address: tuple[str, int]) -> None:
+        if ":" in address[0]:
+            self.address_family = socket.AF_INET6
+        super().__init__(address, Handler)
+
+
+def make_server(config: Config, *, host: str = "127.0.0.1", port: int = 3000,
+                opener: Opener | None = None, store: MemoryStore | None = None,
+                logins: PendingLogins | None = None, idle_timeout: float = 10.0) -> Server:
+    """Bind the server (port 0 picks a free one) and build the app it serves."""
+    server = Server((host, port))
+    origin = f"[{host}]" if ":" in host else host
+    server.app = OAuthDemo(
+        replace(config, base_url=config.base_url or f"http://{origin}:{server.server_port}"),
+        opener=opener or urllib.request.build_opener(),
+        store=store or MemoryStore(), logins=logins or PendingLogins())
+    server.idle_timeout = idle_timeout
+    return server
+
+
+# ---------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """--host, --port, --base-url and --timeout."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    parser.add_argument("--port", type=int, default=3000, help="port to listen on; 0 picks one")
+    parser.add_argument("--base-url", default="",
+                        help="where browsers reach this app (default http://HOST:PORT)")
+    parser.add_argument("--timeout", type=positive_seconds, default=10.0,
+                        help="seconds to wait for Mailchimp (default 10)")
+    return parser.parse_args(argv)
+
+
+def positive_seconds(text: str) -> float:
+    """argparse type for a timeout."""
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0 seconds, not {text}")
+    return value
+
+
+def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] = os.environ) -> int:
+    """Run the demo until Ctrl+C; exit status 2 for a setting that is missing or unsafe."""
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        if args.host in ("0.0.0.0", "::") and not args.base_url:
+            raise ConfigError(f"--host {args.host} needs --base-url: the address browsers use")
+        config = config_from_env(environ, base_url=args.base_url, timeout=args.timeout)
+        server = make_server(config, host=args.host, port=args.port)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # the port is taken, or the address isn't this machine's
+        print(f"error: cannot listen on {args.host} port {args.port}: {err.strerror}",
+              file=sys.stderr)
+        return 2
+    config = server.app.config
+    print(f"Mailchimp OAuth 2 demo, listening. Press Ctrl+C to stop.\n"
+          f"  open in your browser:      {config.base_url}/\n"
+          f"  redirect URI to register:  {config.redirect_uri}\n"
+          f"  Mailchimp login server:    {config.login_url}", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        print("stopped")
+    finally:
+        server.server_close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,859 @@
+"""Tests for mailchimp_oauth_demo, in the module's order: the pure core first, then the real
+server on a free port with a scripted stand-in for Mailchimp (no network, no mock.patch)."""
+
+from __future__ import annotations
+
+import email.message
+import http.client
+import io
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import threading
+import urllib.error
+import urllib.parse
+import urllib.request
+import urllib.response
+from collections.abc import Iterator
+from dataclasses import dataclass
+from http import HTTPStatus
+from typing import Any
+
+import pytest
+
+import mailchimp_oauth_demo as demo
+
+CLIENT_ID = "client-id-1234"
+CLIENT_SECRET = "client-secret-5f0c9e2a7d"
+CODE = "code-8d1f0b6e2a944c53"
+TOKEN = "0123456789abcdef0123456789abcdef"
+CONFIG = demo.Config(client_id=CLIENT_ID, client_secret=CLIENT_SECRET,
+                     base_url="http://127.0.0.1:3000")
+TOKEN_URL = "https://login.mailchimp.com/oauth2/token"
+METADATA_URL = "https://login.mailchimp.com/oauth2/metadata"
+PING_URL = "https://us19.api.mailchimp.com/3.0/ping"
+METADATA = {"dc": "us19", "role": "owner", "accountname": "Freddie's Jokes", "user_id": 42,
+            "login": {"login_id": 42, "login_name": "freddie"},
+            "login_url": "https://login.mailchimp.com",
+            "api_endpoint": "https://us19.api.mailchimp.com"}
+SCRIPT = "<script>alert(1)</script>"
+
+
+def reply(status: int, data: Any) -> demo.Reply:
+    body = data if isinstance(data, bytes) else json.dumps(data).encode()
+    return demo.Reply(status, body)
+
+
+def flow_error(call: Any, *args: Any) -> demo.FlowError:
+    with pytest.raises(demo.FlowError) as caught:
+        call(*args)
+    return caught.value
+
+
+# ---------------------------------------------------------------------------
+# Configuration
+# ---------------------------------------------------------------------------
+
+ENV = {"MAILCHIMP_CLIENT_ID": CLIENT_ID, "MAILCHIMP_CLIENT_SECRET": CLIENT_SECRET}
+
+
+@pytest.mark.parametrize("missing", ["MAILCHIMP_CLIENT_ID", "MAILCHIMP_CLIENT_SECRET"])
+def test_config_names_the_missing_variable(missing: str) -> None:
+    environ = {name: value for name, value in ENV.items() if name != missing}
+    with pytest.raises(demo.ConfigError, match=missing):
+        demo.config_from_env(environ)
+
+
+def test_config_defaults_to_mailchimp() -> None:
+    config = demo.config_from_env(ENV)
+    assert (config.login_url, config.api_url) == (demo.LOGIN_URL, demo.API_URL)
+
+
+@pytest.mark.parametrize("url", [
+    "https://login.mailchimp.com", "http://127.0.0.1:8080", "http://127.9.9.9",
+    "http://[::1]:8080", "http://localhost:9000/",
+])
+def test_config_accepts_https_anywhere_and_http_on_loopback(url: str) -> None:
+    config = demo.config_from_env({**ENV, "MAILCHIMP_LOGIN_URL": url})
+    assert config.login_url == url.rstrip("/")
+
+
+@pytest.mark.parametrize("url", [
+    "http://login.mailchimp.com", "http://10.0.0.1", "http://127.0.0.1.nip.io",
+    "http://localhost.evil.example", "ftp://127.0.0.1", "http://[::ffff:8.8.8.8]",
+    "https://login.mailchimp.com?x=1", "https://user@login.mailchimp.com", "https://:99",
+    "http://127.0.0.1:99999",
+])
+def test_config_refuses_plain_http_beyond_this_machine(url: str) -> None:
+    with pytest.raises(demo.ConfigError, match="MAILCHIMP_LOGIN_URL"):
+        demo.config_from_env({**ENV, "MAILCHIMP_LOGIN_URL": url})
+
+
+@pytest.mark.parametrize("url", ["http://us19.api.mailchimp.com/3.0", "http://{dc}.example/3.0",
+                                 "https://api.example/3.0"])
+def test_config_refuses_an_api_url_without_https_or_a_place_for_the_prefix(url: str) -> None:
+    with pytest.raises(demo.ConfigError, match="MAILCHIMP_API_URL"):
+        demo.config_from_env({**ENV, "MAILCHIMP_API_URL": url})
+
+
+@pytest.mark.parametrize("base_url", ["127.0.0.1:3000", "http://127.0.0.1:3000/app",
+                                      "http://127.0.0.1:3000/?x", "javascript:alert(1)"])
+def test_config_refuses_a_base_url_that_is_not_an_origin(base_url: str) -> None:
+    with pytest.raises(demo.ConfigError, match="--base-url"):
+        demo.config_from_env(ENV, base_url=base_url)
+
+
+def test_config_never_shows_the_secret_in_its_repr() -> None:
+    assert CLIENT_SECRET not in repr(CONFIG)
+
+
+# ---------------------------------------------------------------------------
+# The Mailchimp calls
+# ---------------------------------------------------------------------------
+
+def test_authorize_url_carries_exactly_the_four_parameters_and_no_scope() -> None:
+    url = demo.authorize_url(CONFIG, "the-state")
+    parts = urllib.parse.urlsplit(url)
+    assert (parts.scheme, parts.netloc, parts.path) == ("https", "login.mailchimp.com",
+                                                        "/oauth2/authorize")
+    assert urllib.parse.parse_qs(parts.query) == {
+        "response_type": ["code"], "client_id": [CLIENT_ID],
+        "redirect_uri": ["http://127.0.0.1:3000/oauth/mailchimp/callback"],
+        "state": ["the-state"]}
+
+
+@pytest.mark.parametrize("query, expected", [
+    ("code=abc&state=xyz", demo.Callback(state="xyz", code="abc")),
+    ("state=xyz&error=access_denied&error_description=No+thanks",
+     demo.Callback(state="xyz", error="access_denied", error_description="No thanks")),
+    ("code=a%0D%0ASet-Cookie:x&state=s", demo.Callback(state="s", code="a\r\nSet-Cookie:x")),
+    ("code=%zz&state=s", demo.Callback(state="s", code="%zz")),
+    ("state=s&other=ignored", demo.Callback(state="s")),
+    ("", demo.Callback()),
+])
+def test_read_callback_takes_the_parameters_it_knows(query: str,
+                                                      expected: demo.Callback) -> None:
+    assert demo.read_callback(query) == expected
+
+
+@pytest.mark.parametrize("query", [
+    "code=a&state=x&state=y",  # which state?
+    "code=%ff%fe&state=x",  # not UTF-8
+    "&".join(f"f{n}=1" for n in range(50)),  # a flood of fields
+])
+def test_read_callback_refuses_what_it_cannot_read_unambiguously(query: str) -> None:
+    assert flow_error(demo.read_callback, query).status == HTTPStatus.BAD_REQUEST
+
+
+@pytest.mark.parametrize("code", ["", "a\r\nb", "x" * 513, "caf\u00e9"])
+def test_check_code_refuses_what_is_not_an_authorization_code(code: str) -> None:
+    err = flow_error(demo.check_code, demo.Callback(state="s", code=code))
+    assert err.status == HTTPStatus.BAD_REQUEST
+
+
+def test_token_request_is_a_form_post_with_the_five_fields() -> None:
+    request = demo.token_request(CONFIG, CODE)
+    assert (request.get_method(), request.full_url) == ("POST", TOKEN_URL)
+    assert request.get_header("Content-type") == "application/x-www-form-urlencoded"
+    assert isinstance(request.data, bytes)
+    assert urllib.parse.parse_qs(request.data.decode()) == {
+        "grant_type": ["authorization_code"], "client_id": [CLIENT_ID],
+        "client_secret": [CLIENT_SECRET], "code": [CODE],
+        "redirect_uri": ["http://127.0.0.1:3000/oauth/mailchimp/callback"]}
+
+
+def test_read_token_takes_the_access_token() -> None:
+    assert demo.read_token(reply(200, {"access_token": TOKEN, "expires_in": 0,
+                                       "scope": None})) == TOKEN
+
+
+@pytest.mark.parametrize("body", [
+    b"not json", b"[" * 50_000, b"\xff\xfe", json.dumps([TOKEN]).encode(),
+    json.dumps({"expires_in": 0}).encode(), json.dumps({"access_token": ""}).encode(),
+    json.dumps({"access_token": 12345}).encode(),
+    json.dumps({"access_token": "abc\r\nX-Injected: 1"}).encode(),
+    json.dumps({"access_token": "two words"}).encode(),
+])
+def test_read_token_refuses_a_reply_without_a_usable_token(body: bytes) -> None:
+    err = flow_error(demo.read_token, demo.Reply(200, body))
+    assert (err.status, err.step) == (HTTPStatus.BAD_GATEWAY, demo.STEP_TOKEN)
+
+
+def test_a_refused_token_request_quotes_mailchimp_and_suggests_the_rotated_secret() -> None:
+    err = flow_error(demo.read_token, reply(401, {"error": "invalid_client",
+                                                  "error_description": "Bad secret"}))
+    assert err.status == HTTPStatus.BAD_GATEWAY
+    assert "401: invalid_client: Bad secret" in err.message
+    assert err.hint == demo.HINT_ROTATED_SECRET
+
+
+def test_a_refused_token_request_for_an_old_code_does_not_blame_the_secret() -> None:
+    err = flow_error(demo.read_token, reply(400, {"error": "invalid_grant"}))
+    assert "invalid_grant" in err.message and err.hint != demo.HINT_ROTATED_SECRET
+
+
+def test_metadata_and_ping_requests_carry_the_token_in_the_scheme_each_expects() -> None:
+    metadata = demo.metadata_request(CONFIG, TOKEN)
+    ping = demo.ping_request(CONFIG, "us19", TOKEN)
+    assert (metadata.full_url, metadata.get_header("Authorization")) == (
+        METADATA_URL, f"OAuth {TOKEN}")
+    assert (ping.full_url, ping.get_header("Authorization")) == (PING_URL, f"Bearer {TOKEN}")
+
+
+def test_the_token_header_is_not_carried_across_a_redirect() -> None:
+    request = demo.metadata_request(CONFIG, TOKEN)
+    assert "Authorization" not in request.headers  # urllib copies only these on a redirect
+    assert request.unredirected_hdrs["Authorization"] == f"OAuth {TOKEN}"
+
+
+def test_read_metadata_takes_the_server_prefix_and_account_name() -> None:
+    assert demo.read_metadata(reply(200, METADATA)) == demo.Account("us19", "Freddie's Jokes")
+
+
+@pytest.mark.parametrize("dc", [
+    "evil.example.com/x#", "us1.evil", "us1@127.0.0.9:1", "us19\r\nX-Injected: 1", "us19\n",
+    "US19", "us", "19", "", 19, None, "us\u0661\u0669",
+])
+def test_read_metadata_refuses_a_server_prefix_that_could_redirect_the_token(dc: Any) -> None:
+    err = flow_error(demo.read_metadata, reply(200, {**METADATA, "dc": dc}))
+    assert (err.status, err.step) == (HTTPStatus.BAD_GATEWAY, demo.STEP_METADATA)
+
+
+def test_read_metadata_refuses_a_reply_without_an_account_name() -> None:
+    data = {key: value for key, value in METADATA.items() if key != "accountname"}
+    assert flow_error(demo.read_metadata, reply(200, data)).step == demo.STEP_METADATA
+
+
+def test_read_ping_takes_the_health_status() -> None:
+    assert demo.read_ping(reply(200, {"health_status": "Everything's Chimpy!"})) == \
+        "Everything's Chimpy!"
+
+
+def test_a_refused_ping_quotes_the_api_problem_and_suggests_revoked_access() -> None:
+    err = flow_error(demo.read_ping, reply(401, {"title": "API Key Invalid",
+                                                 "detail": "Wrong datacenter."}))
+    assert "401: API Key Invalid: Wrong datacenter." in err.message
+    assert err.hint == demo.HINT_REVOKED
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("plain", "plain"), ("a\r\nb\x1b[31m", "a  b [31m"), ("x" * 300, "x" * 200 + "..."),
+])
+def test_printable_keeps_outside_text_to_one_bounded_line(text: str, expected: str) -> None:
+    assert demo.printable(text) == expected
+
+
+def test_mask_shows_only_the_last_four_characters() -> None:
+    assert demo.mask(TOKEN) == "...cdef"
+    assert demo.mask("short") == "..."
+
+
+# ---------------------------------------------------------------------------
+# The network seam
+# ---------------------------------------------------------------------------
+
+@dataclass
+class Sent:
+    """One request the app sent to the stand-in."""
+
+    method: str
+    url: str
+    headers: dict[str, str]
+    form: dict[str, list[str]]
+    timeout: float
+
+
+class FakeMailchimp:
+    """Stands in for urllib's opener: scripted replies by URL, and a record of what was sent."""
+
+    def __init__(self) -> None:
+        self.sent: list[Sent] = []
+        self.replies: dict[str, tuple[int, Any] | BaseException] = {
+            TOKEN_URL: (200, {"access_token": TOKEN, "expires_in": 0, "scope": None}),
+            METADATA_URL: (200, METADATA),
+            PING_URL: (200, {"health_status": "Everything's Chimpy!"}),
+        }
+
+    def open(self, request: urllib.request.Request, /, *, timeout: float) -> Any:
+        data = request.data if isinstance(request.data, bytes) else b""
+        self.sent.append(Sent(request.get_method(), request.full_url,
+                              {name.title(): value for name, value in request.header_items()},
+                              urllib.parse.parse_qs(data.decode()), timeout))
+        scripted = self.replies.get(request.full_url, (404, {"title": "Resource Not Found"}))
+        if isinstance(scripted, BaseException):
+            raise scripted
+        status, body = scripted
+        raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+        if status >= 300:  # as urllib does
+            raise urllib.error.HTTPError(request.full_url, status, "", email.message.Message(),
+                                         io.BytesIO(raw))
+        return urllib.response.addinfourl(io.BytesIO(raw), email.message.Message(),
+                                          request.full_url, status)
+
+    def urls(self) -> list[str]:
+        return [sent.url for sent in self.sent]
+
+
+@pytest.mark.parametrize("failure, status", [
+    (socket.timeout("timed out"), HTTPStatus.GATEWAY_TIMEOUT),  # noqa: UP041 -- Python 3.9's
+    (TimeoutError(), HTTPStatus.GATEWAY_TIMEOUT),
+    (urllib.error.URLError(socket.timeout("timed out")),  # noqa: UP041 -- Python 3.9's
+     HTTPStatus.GATEWAY_TIMEOUT),
+    (urllib.error.URLError(ConnectionRefusedError(111, "Connection refused")),
+     HTTPStatus.BAD_GATEWAY),
+    (urllib.error.URLError(socket.gaierror(-2, "Name or service not known")),
+     HTTPStatus.BAD_GATEWAY),
+    (http.client.RemoteDisconnected("closed"), HTTPStatus.BAD_GATEWAY),
+    (ConnectionResetError(104, "reset"), HTTPStatus.BAD_GATEWAY),
+])
+def test_send_turns_no_answer_into_504_or_502(failure: BaseException, status: HTTPStatus) -> None:
+    mailchimp = FakeMailchimp()
+    mailchimp.replies[TOKEN_URL] = failure
+    err = flow_error(lambda: demo.send(mailchimp, demo.token_request(CONFIG, CODE),
+                                       timeout=3, step=demo.STEP_TOKEN))
+    assert (err.status, err.step) == (status, demo.STEP_TOKEN)
+    assert mailchimp.sent[0].timeout == 3
+
+
+def test_send_reads_an_error_status_as_a_reply() -> None:
+    mailchimp = FakeMailchimp()
+    mailchimp.replies[TOKEN_URL] = (400, {"error": "invalid_grant"})
+    sent = demo.send(mailchimp, demo.token_request(CONFIG, CODE), timeout=3,
+                     step=demo.STEP_TOKEN)
+    assert sent == reply(400, {"error": "invalid_grant"})
+
+
+def test_send_refuses_an_oversized_reply() -> None:
+    mailchimp = FakeMailchimp()
+    mailchimp.replies[TOKEN_URL] = (200, b" " * (demo.MAX_REPLY_BYTES + 1))
+    err = flow_error(lambda: demo.send(mailchimp, demo.token_request(CONFIG, CODE),
+                                       timeout=3, step=demo.STEP_TOKEN))
+    assert err.status == HTTPStatus.BAD_GATEWAY
+
+
+# ---------------------------------------------------------------------------
+# Logins in progress
+# ---------------------------------------------------------------------------
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+SESSION_A, SESSION_B = "a" * 43, "b" * 43
+
+
+def test_a_state_is_random_enough_and_url_safe() -> None:
+    logins = demo.PendingLogins()
+    states = {logins.start(SESSION_A) for _ in range(5)}
+    assert len(states) == 5 and all(demo.SESSION_ID.fullmatch(state) for state in states)
+
+
+def test_a_state_works_once_in_the_browser_that_started_it() -> None:
+    logins = demo.PendingLogins()
+    state = logins.start(SESSION_A)
+    assert not logins.finish(SESSION_B, state)
+    assert logins.finish(SESSION_A, state)
+    assert not logins.finish(SESSION_A, state)
+
+
+def test_two_tabs_of_one_browser_can_each_finish_their_login() -> None:
+    logins = demo.PendingLogins()
+    first, second = logins.start(SESSION_A), logins.start(SESSION_A)
+    assert logins.finish(SESSION_A, second) and logins.finish(SESSION_A, first)
+
+
+def test_a_state_expires_after_its_lifetime() -> None:
+    clock = Clock()
+    logins = demo.PendingLogins(lifetime=600, clock=clock)
+    state = logins.start(SESSION_A)
+    clock.now += 601
+    assert not logins.finish(SESSION_A, state)
+
+
+@pytest.mark.parametrize("state", ["", "caf\u00e9", "x" * 60_000])
+def test_a_state_of_any_shape_is_refused_not_an_error(state: str) -> None:
+    logins = demo.PendingLogins()
+    logins.start(SESSION_A)
+    assert not logins.finish(SESSION_A, state)
+
+
+def test_pending_logins_stay_bounded_dropping_the_oldest() -> None:
+    logins = demo.PendingLogins(browsers=3, per_browser=2)
+    oldest = logins.start("0" * 43)
+    for n in range(1, 4):
+        logins.start(str(n) * 43)
+    tabs = [logins.start(SESSION_A) for _ in range(3)]
+    assert not logins.finish("0" * 43, oldest)  # the fourth browser pushed out the first
+    assert not logins.finish(SESSION_A, tabs[0])  # a third tab pushed out the first
+    assert logins.finish(SESSION_A, tabs[2])
+
+
+# ---------------------------------------------------------------------------
+# The server, for real, on a free port
+# ---------------------------------------------------------------------------
+
+@dataclass
+class Page:
+    status: int
+    headers: email.message.Message
+    text: str
+
+    def query(self) -> dict[str, str]:
+        location = self.headers["Location"]
+        return dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(location).query))
+
+
+class Browser:
+    """Just enough of a browser: keeps cookies, follows nothing, one connection a request."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.cookies: dict[str, str] = {}
+
+    def get(self, target: str, method: str = "GET", headers: dict[str, str] | None = None,
+            body: bytes | None = None) -> Page:
+        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+        sent = dict(headers or {})
+        if self.cookies:
+            sent["Cookie"] = "; ".join(f"{name}={value}" for name, value in self.cookies.items())
+        connection.request(method, target, body=body, headers=sent)
+        response = connection.getresponse()
+        text = response.read().decode()
+        connection.close()
+        for cookie in response.headers.get_all("Set-Cookie") or []:
+            name, _, rest = cookie.partition("=")
+            self.cookies[name] = rest.split(";")[0]
+        return Page(response.status, response.headers, text)
+
+    def start_login(self) -> str:
+        """Step 2, as the browser sees it; returns the state Mailchimp would send back."""
+        return self.get("/auth/mailchimp").query()["state"]
+
+    def callback(self, **params: str) -> Page:
+        return self.get(f"{demo.CALLBACK_PATH}?{urllib.parse.urlencode(params)}")
+
+    def connect(self) -> Page:
+        """Steps 2 to 7 with Mailchimp approving."""
+        return self.callback(code=CODE, state=self.start_login())
+
+
+@pytest.fixture
+def mailchimp() -> FakeMailchimp:
+    return FakeMailchimp()
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def server(mailchimp: FakeMailchimp, clock: Clock) -> Iterator[demo.Server]:
+    config = demo.Config(client_id=CLIENT_ID, client_secret=CLIENT_SECRET)
+    server = demo.make_server(config, port=0, opener=mailchimp, idle_timeout=0.5,
+                              logins=demo.PendingLogins(clock=clock))
+    thread = threading.Thread(target=server.serve_forever, args=(0.01,), daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+    thread.join()
+
+
+@pytest.fixture
+def browser(server: demo.Server) -> Browser:
+    return Browser(server.server_port)
+
+
+@pytest.fixture
+def log(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
+    caplog.set_level(logging.DEBUG, logger="mailchimp_oauth_demo")
+    return caplog
+
+
+def redirect_uri(server: demo.Server) -> str:
+    return f"http://127.0.0.1:{server.server_port}{demo.CALLBACK_PATH}"
+
+
+def test_index_links_to_the_login(browser: Browser) -> None:
+    page = browser.get("/")
+    assert page.status == HTTPStatus.OK
+    assert 'href="/auth/mailchimp"' in page.text
+
+
+def test_login_redirects_to_mailchimp_with_a_state_bound_to_a_session_cookie(
+        browser: Browser, server: demo.Server) -> None:
+    page = browser.get("/auth/mailchimp")
+    assert page.status == HTTPStatus.FOUND
+    assert page.headers["Location"].startswith("https://login.mailchimp.com/oauth2/authorize?")
+    assert page.query()["redirect_uri"] == redirect_uri(server)
+    assert len(page.query()["state"]) >= 43  # 256 bits, url-safe base64
+    cookie = page.headers["Set-Cookie"]
+    assert cookie.startswith(demo.SESSION_COOKIE + "=")
+    assert "; HttpOnly" in cookie and "; SameSite=Lax" in cookie
+
+
+def test_the_whole_flow_connects_and_shows_the_result(
+        browser: Browser, server: demo.Server, mailchimp: FakeMailchimp) -> None:
+    page = browser.connect()
+    assert (page.status, page.headers["Location"]) == (HTTPStatus.SEE_OTHER, "/")
+    assert CODE not in page.headers["Location"]  # RFC 6749 §3.1.2.5: the code leaves the URL
+    result = browser.get("/")
+    assert "Freddie&#x27;s Jokes" in result.text and "us19" in result.text
+    assert "Everything&#x27;s Chimpy!" in result.text
+    assert demo.mask(TOKEN) in result.text and TOKEN not in result.text
+    assert mailchimp.urls() == [TOKEN_URL, METADATA_URL, PING_URL]
+
+
+def test_the_token_exchange_sends_the_five_form_fields(
+        browser: Browser, server: demo.Server, mailchimp: FakeMailchimp) -> None:
+    browser.connect()
+    token = mailchimp.sent[0]
+    assert token.method == "POST"
+    assert token.headers["Content-Type"] == "application/x-www-form-urlencoded"
+    assert token.form == {"grant_type": ["authorization_code"], "client_id": [CLIENT_ID],
+                          "client_secret": [CLIENT_SECRET], "code": [CODE],
+                          "redirect_uri": [redirect_uri(server)]}
+    assert "Authorization" not in token.headers
+
+
+def test_metadata_and_ping_carry_the_token_and_nothing_else_secret(
+        browser: Browser, mailchimp: FakeMailchimp) -> None:
+    browser.connect()
+    metadata, ping = mailchimp.sent[1:]
+    assert (metadata.method, metadata.headers["Authorization"]) == ("GET", f"OAuth {TOKEN}")
+    assert (ping.method, ping.headers["Authorization"]) == ("GET", f"Bearer {TOKEN}")
+    for sent in (metadata, ping):
+        assert CLIENT_SECRET not in str(sent) and CODE not in str(sent)
+
+
+def test_another_browser_sees_the_start_page_not_the_connection(
+        browser: Browser, server: demo.Server) -> None:
+    browser.connect()
+    stranger = Browser(server.server_port)
+    assert "Connect with Mailchimp" in stranger.get("/").text
+
+
+def test_two_tabs_started_in_one_browser_both_connect(browser: Browser) -> None:
+    first, second = browser.start_login(), browser.start_login()
+    assert browser.callback(code=CODE, state=second).status == HTTPStatus.SEE_OTHER
+    assert browser.callback(code=CODE, state=first).status == HTTPStatus.SEE_OTHER
+
+
+# --- step 3: the callback is checked before anything goes upstream ---------
+
+def test_callback_without_state_is_refused(browser: Browser,
+                                           mailchimp: FakeMailchimp) -> None:
+    browser.start_login()
+    assert browser.callback(code=CODE).status == HTTPStatus.BAD_REQUEST
+    assert mailchimp.sent == []
+
+
+def test_callback_with_a_made_up_state_is_refused(browser: Browser,
+                                                  mailchimp: FakeMailchimp) -> None:
+    browser.start_login()
+    page = browser.callback(code=CODE, state="x" * 43)
+    assert page.status == HTTPStatus.BAD_REQUEST
+    assert "does not match a login started in this browser" in page.text
+    assert mailchimp.sent == []
+
+
+def test_callback_rejects_state_from_another_browser(
+        browser: Browser, server: demo.Server, mailchimp: FakeMailchimp) -> None:
+    state = browser.start_login()
+    attacker = Browser(server.server_port)
+    attacker.start_login()  # has a session of its own, just not the one this state belongs to
+    assert attacker.callback(code=CODE, state=state).status == HTTPStatus.BAD_REQUEST
+    assert Browser(server.server_port).callback(code=CODE, state=state).status == 400
+    assert mailchimp.sent == []
+    assert browser.callback(code=CODE, state=state).status == HTTPStatus.SEE_OTHER
+
+
+def test_callback_replayed_is_refused_the_second_time(browser: Browser,
+                                                      mailchimp: FakeMailchimp) -> None:
+    state = browser.start_login()
+    assert browser.callback(code=CODE, state=state).status == HTTPStatus.SEE_OTHER
+    assert browser.callback(code=CODE, state=state).status == HTTPStatus.BAD_REQUEST
+    assert len(mailchimp.sent) == 3  # one flow's worth, not two
+
+
+def test_callback_after_ten_minutes_is_refused(browser: Browser, clock: Clock,
+                                               mailchimp: FakeMailchimp) -> None:
+    state = browser.start_login()
+    clock.now += demo.LOGIN_LIFETIME + 1
+    assert browser.callback(code=CODE, state=state).status == HTTPStatus.BAD_REQUEST
+    assert mailchimp.sent == []
+
+
+def test_callback_without_code_is_refused(browser: Browser, mailchimp: FakeMailchimp) -> None:
+    page = browser.callback(state=browser.start_login())
+    assert page.status == HTTPStatus.BAD_REQUEST and "no code" in page.text
+    assert mailchimp.sent == []
+
+
+def test_deny_shows_a_friendly_page_with_mailchimps_words_escaped(
+        browser: Browser, mailchimp: FakeMailchimp) -> None:
+    page = browser.callback(state=browser.start_login(), error="access_denied",
+                            error_description=f"User said no {SCRIPT}")
+    assert page.status == HTTPStatus.FORBIDDEN
+    assert "Access was not granted" in page.text
+    assert "&lt;script&gt;" in page.text and SCRIPT not in page.text
+    assert mailchimp.sent == []
+
+
+def test_an_authorization_error_other_than_deny_is_mailchimps_fault(
+        browser: Browser, mailchimp: FakeMailchimp) -> None:
+    page = browser.callback(state=browser.start_login(), error="server_error")
+    assert page.status == HTTPStatus.BAD_GATEWAY and "server_error" in page.text
+    assert mailchimp.sent == []
+
+
+# --- steps 4 to 6: every way Mailchimp's reply can be unusable --------------
+
+def test_rotated_secret_gives_502_with_the_rotation_hint(
+        browser: Browser, mailchimp: FakeMailchimp) -> None:
+    mailchimp.replies[TOKEN_URL] = (401, {"error": "invalid_client",
+                                          "error_description": f"Client auth failed {SCRIPT}"})
+    page = browser.connect()
+    assert page.status == HTTPStatus.BAD_GATEWAY
+    assert "Step 4 (token exchange) failed" in page.text and "invalid_client" in page.text
+    assert "rotated" in page.text
+    assert SCRIPT not in page.text
+    assert mailchimp.urls() == [TOKEN_URL]
+
+
+@pytest.mark.parametrize("scripted", [
+    (500, b"<html><h1>Internal Server Error</h1>" + SCRIPT.encode() + b"</html>"),
+    (200, b"this is not JSON " + SCRIPT.encode()),
+    (200, {"expires_in": 0, "scope": None}),
+    (200, {"access_token": ""}),
+])
+def test_unusable_token_reply_gives_502_and_stops_the_flow(
+        browser: Browser, mailchimp: FakeMailchimp, scripted: tuple[int, Any]) -> None:
+    mailchimp.replies[TOKEN_URL] = scripted
+    page = browser.connect()
+    assert page.status == HTTPStatus.BAD_GATEWAY and "Step 4 (token exchange)" in page.text
+    assert SCRIPT not in page.text
+    assert mailchimp.urls() == [TOKEN_URL]
+
+
+@pytest.mark.parametrize("dc", ["evil.example.com/x#", "us1@127.0.0.9:1", "us19\r\nX: 1", 19])
+def test_bad_server_prefix_gives_502_and_the_token_goes_nowhere(
+        browser: Browser, mailchimp: FakeMailchimp, dc: Any) -> None:
+    mailchimp.replies[METADATA_URL] = (200, {**METADATA, "dc": dc})
+    page = browser.connect()
+    assert page.status == HTTPStatus.BAD_GATEWAY and "Step 5 (metadata)" in page.text
+    assert mailchimp.urls() == [TOKEN_URL, METADATA_URL]
+
+
+def test_metadata_refusing_the_token_gives_502(browser: Browser,
+                                               mailchimp: FakeMailchimp) -> None:
+    mailchimp.replies[METADATA_URL] = (401, {"error": "invalid_token"})
+    page = browser.connect()
+    assert page.status == HTTPStatus.BAD_GATEWAY and "invalid_token" in page.text
+    assert mailchimp.urls() == [TOKEN_URL, METADATA_URL]
+
+
+def test_ping_problem_gives_502_quoting_the_problem_escaped(
+        browser: Browser, mailchimp: FakeMailchimp) -> None:
+    mailchimp.replies[PING_URL] = (503, {"type": "about:blank", "title": "Service Unavailable",
+                                         "detail": f"Down for maintenance {SCRIPT}"})
+    page = browser.connect()
+    assert page.status == HTTPStatus.BAD_GATEWAY and "Step 6 (ping)" in page.text
+    assert "Service Unavailable" in page.text and SCRIPT not in page.text
+
+
+def test_ping_with_markup_in_the_health_status_shows_it_as_text(
+        browser: Browser, mailchimp: FakeMailchimp) -> None:
+    mailchimp.replies[PING_URL] = (200, {"health_status": f"Chimpy {SCRIPT}"})
+    browser.connect()
+    page = browser.get("/")
+    assert "Chimpy &lt;script&gt;" in page.text and SCRIPT not in page.text
+
+
+def test_upstream_timeout_gives_504_and_the_server_keeps_serving(
+        browser: Browser, mailchimp: FakeMailchimp) -> None:
+    mailchimp.replies[METADATA_URL] = TimeoutError("timed out")
+    page = browser.connect()
+    assert page.status == HTTPStatus.GATEWAY_TIMEOUT
+    assert "did not answer within 10 s" in page.text
+    assert browser.get("/").status == HTTPStatus.OK
+
+
+def test_unreachable_mailchimp_gives_502(browser: Browser, mailchimp: FakeMailchimp) -> None:
+    mailchimp.replies[TOKEN_URL] = urllib.error.URLError(ConnectionRefusedError(111, "refused"))
+    page = browser.connect()
+    assert page.status == HTTPStatus.BAD_GATEWAY and "Could not reach" in page.text
+
+
+def test_a_failed_flow_leaves_the_browser_unconnected(browser: Browser,
+                                                      mailchimp: FakeMailchimp) -> None:
+    mailchimp.replies[PING_URL] = (500, b"")
+    browser.connect()
+    assert "Connect with Mailchimp" in browser.get("/").text
+
+
+# --- what reaches the log ---------------------------------------------------
+
+def test_the_log_never_holds_the_secret_token_code_or_query(
+        browser: Browser, mailchimp: FakeMailchimp, log: pytest.LogCaptureFixture) -> None:
+    state = browser.start_login()
+    browser.callback(code=CODE, state=state)
+    browser.callback(code=CODE, state=state)  # a refused replay logs too
+    mailchimp.replies[TOKEN_URL] = (401, {"error": "invalid_client"})
+    browser.connect()
+    text = "\n".join(record.getMessage() for record in log.records)
+    assert "/oauth/mailchimp/callback -> 303" in text
+    for secret in (CLIENT_SECRET, TOKEN, CODE, state, "code=", "state="):
+        assert secret not in text
+
+
+def test_each_failure_logs_one_warning_naming_the_step(
+        browser: Browser, mailchimp: FakeMailchimp, log: pytest.LogCaptureFixture) -> None:
+    mailchimp.replies[TOKEN_URL] = (401, {"error": "invalid_client"})
+    browser.connect()
+    warnings = [record.getMessage() for record in log.records
+                if record.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert "-> 502 Step 4 (token exchange) failed: Mailchimp answered 401" in warnings[0]
+
+
+# --- HTTP itself ------------------------------------------------------------
+
+@pytest.mark.parametrize("target", ["/", "/auth/mailchimp", f"{demo.CALLBACK_PATH}?state=x",
+                                    "/nowhere", "/%00"])
+def test_every_response_carries_the_safety_headers(browser: Browser, target: str) -> None:
+    page = browser.get(target)
+    assert page.headers["Content-Type"] == "text/html; charset=utf-8"
+    assert page.headers["Content-Length"] == str(len(page.text.encode()))
+    assert page.headers["Cache-Control"] == "no-store"
+    assert page.headers["Referrer-Policy"] == "no-referrer"
+    assert page.headers["X-Content-Type-Options"] == "nosniff"
+    assert "default-src 'none'" in page.headers["Content-Security-Policy"]
+
+
+def test_unknown_path_is_404(browser: Browser) -> None:
+    assert browser.get("/admin").status == HTTPStatus.NOT_FOUND
+
+
+def test_head_answers_like_get_without_a_body(browser: Browser) -> None:
+    get, head = browser.get("/"), browser.get("/", method="HEAD")
+    assert head.status == HTTPStatus.OK and head.text == ""
+    assert head.headers["Content-Length"] == get.headers["Content-Length"]
+
+
+@pytest.mark.parametrize("method, status", [
+    ("POST", HTTPStatus.NOT_IMPLEMENTED), ("PUT", HTTPStatus.NOT_IMPLEMENTED),
+    ("DELETE", HTTPStatus.NOT_IMPLEMENTED), ("BREW", HTTPStatus.NOT_IMPLEMENTED),
+])
+def test_other_methods_are_refused_cleanly(browser: Browser, method: str,
+                                           status: HTTPStatus) -> None:
+    page = browser.get("/", method=method)
+    assert page.status == status and "Traceback" not in page.text
+
+
+def raw_exchange(port: int, data: bytes) -> bytes:
+    """Send raw bytes, say that's all, and read until the server closes (or 10 s pass)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(data)
+        sock.shutdown(socket.SHUT_WR)
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+@pytest.mark.parametrize("request_bytes", [
+    b"GET /oauth/mailchimp/callback?" + b"a" * 60_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"GET /oauth/mailchimp/callback?state=%ZZ%&code=%%% HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"GET /oauth/mailchimp/callback?state=\xff\xfe&code=\xc3 HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"GET /oauth/mailchimp/callback?state=a&state=b&code=c&code=d HTTP/1.1\r\nHost: x\r\n\r\n",
+    (b"GET /oauth/mailchimp/callback?code=x%0D%0ALocation:%20http://evil&state=a%0D%0A"
+     b" HTTP/1.1\r\nHost: x\r\n\r\n"),
+    b"GET / HTTP/1.1\r\nCookie: " + demo.SESSION_COOKIE.encode() + b"=\r\nSet-Cookie: x\r\n\r\n",
+    b"GET /" + b"x" * 70_000 + b" HTTP/1.1\r\n\r\n",
+    b"GARBAGE\r\n\r\n",
+    b"GET / HTTP/9.9\r\n\r\n",
+    b"GET / HTTP/1.1 extra words\r\n\r\n",
+    b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(range(32)) + b"\r\n\r\n",
+    b"GET / HTTP/1.1\r\n" + b"X-Header: y\r\n" * 120 + b"\r\n",
+    b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nGET /",
+])
+def test_hostile_requests_get_a_clean_answer_and_the_server_keeps_serving(
+        browser: Browser, server: demo.Server, request_bytes: bytes) -> None:
+    answer = raw_exchange(server.server_port, request_bytes)
+    head = answer.partition(b"\r\n\r\n")[0]
+    assert answer.startswith(b"HTTP/1.1 ")
+    assert b"Traceback" not in answer and b"evil" not in head and b"Set-Cookie: x" not in head
+    assert b"Content-Security-Policy:" in head
+    assert browser.get("/").status == HTTPStatus.OK
+
+
+def test_a_request_body_is_never_read_as_the_next_request(server: demo.Server) -> None:
+    smuggled = (b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 44\r\n\r\n"
+                b"GET /auth/mailchimp HTTP/1.1\r\nHost: x\r\n\r\n")
+    answer = raw_exchange(server.server_port, smuggled)
+    assert answer.count(b"HTTP/1.1 ") == 1 and b"Connection: close" in answer
+
+
+def test_a_client_that_sends_nothing_is_let_go(server: demo.Server) -> None:
+    with socket.create_connection(("127.0.0.1", server.server_port), timeout=10) as sock:
+        assert sock.recv(1) == b""  # closed by the server's idle timeout, not by ours
+
+
+# ---------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------
+
+MODULE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mailchimp_oauth_demo.py")
+
+
+def run_module(*args: str, env: dict[str, str]) -> subprocess.Popen[str]:
+    clean = {name: value for name, value in os.environ.items() if not name.startswith("MAILCHIMP")}
+    return subprocess.Popen([sys.executable, MODULE, *args], env={**clean, **env}, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def test_startup_prints_the_url_and_the_redirect_uri_to_register_and_nothing_secret() -> None:
+    process = run_module("--port", "0", env=ENV)
+    watchdog = threading.Timer(10, process.kill)  # a silent process can't hang the suite
+    watchdog.start()
+    try:
+        assert process.stdout is not None
+        lines = [process.stdout.readline() for _ in range(4)]
+        url = lines[1].split()[-1]
+        assert lines[2].split()[-1] == url.rstrip("/") + demo.CALLBACK_PATH
+        with urllib.request.urlopen(url, timeout=10) as answer:
+            assert answer.status == HTTPStatus.OK
+        assert CLIENT_SECRET not in "".join(lines)
+    finally:
+        watchdog.cancel()
+        process.terminate()
+        process.communicate(timeout=10)
+
+
+@pytest.mark.parametrize("env, args, says", [
+    ({}, [], "MAILCHIMP_CLIENT_ID is not set"),
+    ({"MAILCHIMP_CLIENT_ID": CLIENT_ID}, [], "MAILCHIMP_CLIENT_SECRET is not set"),
+    ({**ENV, "MAILCHIMP_LOGIN_URL": "http://login.example.com"}, [], "must use https://"),
+    (ENV, ["--host", "0.0.0.0"], "needs --base-url"),
+])
+def test_a_bad_setting_is_one_line_and_exit_status_2(
+        env: dict[str, str], args: list[str], says: str,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    assert demo.main(["--port", "0", *args], environ=env) == 2
+    err = capsys.readouterr().err
+    assert says in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_a_port_in_use_is_one_line_and_exit_status_2(
+        server: demo.Server, capsys: pytest.CaptureFixture[str]) -> None:
+    assert demo.main(["--port", str(server.server_port)], environ=ENV) == 2
+    assert "cannot listen" in capsys.readouterr().err
