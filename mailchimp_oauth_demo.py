@@ -72,6 +72,7 @@ class Config:
     login_url: str = LOGIN_URL
     api_url: str = API_URL
     timeout: float = 10.0  # seconds to wait for Mailchimp before answering 504
+    notice: str = ""  # a line at the top of every page; the sandbox says SANDBOX there
 
     @property
     def redirect_uri(self) -> str:
@@ -203,16 +204,22 @@ class Callback:
 def read_callback(query: str) -> Callback:
     """Step 3: parse the callback's query string; anything odd is a 400, never a guess."""
     try:
-        fields = urllib.parse.parse_qs(query, keep_blank_values=True, errors="strict",
-                                       max_num_fields=10)
-    except ValueError as err:  # not UTF-8, or a flood of fields
+        fields = parse_fields(query)
+    except ValueError as err:
         raise FlowError(HTTPStatus.BAD_REQUEST, STEP_CALLBACK,
-                        "The callback's query string could not be read.") from err
-    if any(len(values) > 1 for values in fields.values()):  # which one would be meant?
-        raise FlowError(HTTPStatus.BAD_REQUEST, STEP_CALLBACK,
-                        "The callback repeats a parameter.")
-    return Callback(**{name: fields[name][0] for name in
+                        f"The callback's query string could not be read ({err}).") from err
+    return Callback(**{name: fields[name] for name in
                        ("state", "code", "error", "error_description") if name in fields})
+
+
+def parse_fields(text: str) -> dict[str, str]:
+    """URL-encoded fields, strictly: UTF-8, at most ten, none repeated (which would be meant?)."""
+    pairs = urllib.parse.parse_qsl(text, keep_blank_values=True, errors="strict",
+                                   max_num_fields=10)
+    fields = dict(pairs)
+    if len(fields) != len(pairs):
+        raise ValueError("a parameter is repeated")
+    return fields
 
 
 def denied(callback: Callback) -> FlowError:
@@ -510,10 +517,13 @@ PAGE = """<!doctype html>
 <head><meta charset="utf-8"><meta name="viewport" content="width=device-width">
 <title>{title}</title></head>
 <body>
-<h1>{title}</h1>
+{notice}<h1>{title}</h1>
 {content}
 </body>
 </html>
+"""
+
+NOTICE = """<p><strong>{notice}</strong></p>
 """
 
 WELCOME = """<p>This app connects to a Mailchimp account with OAuth 2. Mailchimp will ask you
@@ -540,34 +550,39 @@ def render(template: str, **values: str) -> str:
     return template.format(**{name: html.escape(value) for name, value in values.items()})
 
 
-def page(title: str, content: str) -> bytes:
+def page(title: str, content: str, notice: str = "") -> bytes:
     """A whole page around content that is already markup (made by render)."""
-    return PAGE.format(title=html.escape(title), content=content).encode("utf-8")
+    return PAGE.format(title=html.escape(title), content=content,
+                       notice=render(NOTICE, notice=notice) if notice else "").encode("utf-8")
 
 
-def connected_page(connection: Connection) -> bytes:
+def connected_page(connection: Connection, notice: str = "") -> bytes:
     """Step 1, once this browser has connected: what the app knows, token masked."""
     return page("Connected to Mailchimp", render(
         CONNECTED, account=connection.account_name, prefix=connection.server_prefix,
         token=mask(connection.access_token), connected_at=connection.connected_at,
-        health=connection.health_status))
+        health=connection.health_status), notice)
 
 
-def problem_page(status: HTTPStatus, message: str, hint: str = "") -> bytes:
+def problem_page(status: HTTPStatus, message: str, hint: str = "", notice: str = "") -> bytes:
     """The one error page: what went wrong, and what to do about it."""
-    return page(f"{status.value} {status.phrase}", render(PROBLEM, message=message, hint=hint))
+    return page(f"{status.value} {status.phrase}", render(PROBLEM, message=message, hint=hint),
+                notice)
 
 
 # ---------------------------------------------------------------------------
-# The app: one method per route, each returning a Response to send
+# The app: a table of routes, each turning a Visit into a Response
 # ---------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class Visit:
-    """What the app reads from a browser's request, already checked for shape."""
+    """What an app reads from a request, already checked for shape."""
 
+    path: str = "/"
     query: str = ""
-    session: str = ""
+    session: str = ""  # the session cookie, if it is well formed
+    form: dict[str, str] | None = None  # the body's fields, if it is a small urlencoded form
+    authorization: str = ""
 
 
 @dataclass(frozen=True)
@@ -577,23 +592,41 @@ class Response:
     status: HTTPStatus
     body: bytes = b""
     headers: tuple[tuple[str, str], ...] = ()
+    content_type: str = "text/html; charset=utf-8"
     note: str = ""
 
 
-def redirect(location: str, *headers: tuple[str, str], status: HTTPStatus = HTTPStatus.FOUND,
-             note: str = "") -> Response:
-    """A redirect; Location comes from config or a constant, never from the request."""
-    return Response(status, headers=(("Location", location), *headers), note=note)
+def redirect(location: str, *headers: tuple[str, str],
+             status: HTTPStatus = HTTPStatus.FOUND) -> Response:
+    """A redirect; Location comes from configuration, never from the request."""
+    return Response(status, headers=(("Location", location), *headers))
 
 
-def failure(err: FlowError) -> Response:
+def failure(err: FlowError, notice: str = "") -> Response:
     """A failed step as the error page, with the same words for the log."""
     message = f"{err.step[0].upper()}{err.step[1:]} failed: {err.message}"
-    return Response(err.status, problem_page(err.status, message, err.hint), note=message)
+    return Response(err.status, problem_page(err.status, message, err.hint, notice),
+                    note=message)
+
+
+def dispatch(routes: Mapping[str, Mapping[str, Callable[[Visit], Response]]], method: str,
+             visit: Visit, notice: str = "") -> Response:
+    """Run the route for this path and method (HEAD runs GET's); 404 or 405 if there is none."""
+    methods = routes.get(visit.path)
+    if methods is None:
+        return Response(HTTPStatus.NOT_FOUND, problem_page(
+            HTTPStatus.NOT_FOUND, "There is no page at this address.", notice=notice))
+    action = methods.get("GET" if method == "HEAD" else method)
+    if action is None:
+        allowed = ", ".join(sorted({*methods, "HEAD"} if "GET" in methods else methods))
+        return Response(HTTPStatus.METHOD_NOT_ALLOWED, problem_page(
+            HTTPStatus.METHOD_NOT_ALLOWED, f"This address accepts only {allowed}.",
+            notice=notice), headers=(("Allow", allowed),))
+    return action(visit)
 
 
 class OAuthDemo:
-    """The flow itself: the routes of steps 1, 2 and 3 to 7."""
+    """The flow itself: steps 1, 2, and 3 to 7, one route each."""
 
     def __init__(self, config: Config, *, opener: Opener, store: MemoryStore,
                  logins: PendingLogins) -> None:
@@ -601,14 +634,26 @@ class OAuthDemo:
         self.opener = opener
         self.store = store
         self.logins = logins
-        self.welcome = page("Mailchimp OAuth 2 demo", WELCOME)  # never changes: built once
+        self.welcome = page("Mailchimp OAuth 2 demo", WELCOME, config.notice)  # built once
+        self.routes = {
+            "/": {"GET": self.show_index},
+            "/auth/mailchimp": {"GET": self.start_login},
+            CALLBACK_PATH: {"GET": self.finish_login},
+        }
+
+    def respond(self, method: str, visit: Visit) -> Response:
+        """Answer one request; a failed step becomes its error page."""
+        try:
+            return dispatch(self.routes, method, visit, self.config.notice)
+        except FlowError as err:
+            return failure(err, self.config.notice)
 
     def show_index(self, visit: Visit) -> Response:
         """Step 1: the start page, or what this browser's connection holds."""
         connection = self.store.load(visit.session) if visit.session else None
         if connection is None:
             return Response(HTTPStatus.OK, self.welcome)
-        return Response(HTTPStatus.OK, connected_page(connection))
+        return Response(HTTPStatus.OK, connected_page(connection, self.config.notice))
 
     def start_login(self, visit: Visit) -> Response:
         """Step 2: send the browser to Mailchimp, remembering a fresh state for it."""
@@ -645,16 +690,11 @@ class OAuthDemo:
         return send(self.opener, request, timeout=self.config.timeout, step=step)
 
 
-ROUTES: dict[str, dict[str, Callable[[OAuthDemo, Visit], Response]]] = {
-    "/": {"GET": OAuthDemo.show_index},
-    "/auth/mailchimp": {"GET": OAuthDemo.start_login},
-    CALLBACK_PATH: {"GET": OAuthDemo.finish_login},
-}
-
-
 # ---------------------------------------------------------------------------
-# The request handler: HTTP in, a Response out, nothing else
+# The request handler: HTTP in, a Visit to the app, its Response out
 # ---------------------------------------------------------------------------
+
+MAX_BODY_BYTES = 16 * 1024  # the only bodies are forms of a few fields
 
 SECURITY_HEADERS = (
     ("Cache-Control", "no-store"),  # pages hold account data, URLs hold codes: never cache
@@ -667,7 +707,7 @@ SECURITY_HEADERS = (
 
 
 class Handler(http.server.BaseHTTPRequestHandler):
-    """Parses a request into a Visit, asks the app, and sends the Response it gets."""
+    """Reads a request into a Visit, asks the server's app, and sends the Response it gets."""
 
     protocol_version = "HTTP/1.1"  # keep-alive, as browsers expect
     default_request_version = "HTTP/1.0"  # not 0.9: a garbled request still gets our headers
@@ -678,45 +718,46 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.connection.settimeout(self.server.idle_timeout)  # a silent client lets go
 
     def do_GET(self) -> None:
-        self.route()
+        self.answer()
 
     def do_HEAD(self) -> None:
-        self.route()  # as GET; send() leaves out the body
+        self.answer()  # as GET; send() leaves out the body
 
-    def route(self) -> None:
-        """Find the route for the path and method, run it, and send what it made."""
+    def do_POST(self) -> None:
+        self.answer()
+
+    def answer(self) -> None:
+        """Turn the request into a Visit and send the app's Response."""
         path, _, query = self.path.partition("?")
-        if self.headers.get("Content-Length", "0") != "0" or "Transfer-Encoding" in self.headers:
-            self.close_connection = True  # bodies are never read: don't parse one as a request
-        methods = ROUTES.get(path)
-        method = "GET" if self.command == "HEAD" else self.command
-        if methods is None:
-            self.send(Response(HTTPStatus.NOT_FOUND, problem_page(
-                HTTPStatus.NOT_FOUND, "There is no page at this address.")))
-        elif method not in methods:
-            allowed = ", ".join(sorted({*methods, "HEAD"}))
-            self.send(Response(HTTPStatus.METHOD_NOT_ALLOWED, problem_page(
-                HTTPStatus.METHOD_NOT_ALLOWED, f"This address accepts only {allowed}."),
-                headers=(("Allow", allowed),)))
-        else:
-            self.send(self.run(methods[method], query))
+        visit = Visit(path, query,
+                      session=session_from("; ".join(self.headers.get_all("Cookie") or [])),
+                      form=self.read_form(), authorization=self.headers.get("Authorization", ""))
+        self.send(self.server.app.respond(self.command, visit))
 
-    def run(self, action: Callable[[OAuthDemo, Visit], Response], query: str) -> Response:
-        """Run one route; a failed step becomes its error page."""
-        cookies = "; ".join(self.headers.get_all("Cookie") or [])
+    def read_form(self) -> dict[str, str] | None:
+        """The body's fields, if it is a small urlencoded form; any body is consumed or refused."""
+        length = self.headers.get("Content-Length", "0")
+        if "Transfer-Encoding" in self.headers or not re.fullmatch(r"[0-9]{1,9}", length) \
+                or int(length) > MAX_BODY_BYTES:
+            self.close_connection = True  # an unread body must not be parsed as the next request
+            return None
+        body = self.rfile.read(int(length))
+        if self.headers.get_content_type() != "application/x-www-form-urlencoded":
+            return None
         try:
-            return action(self.server.app, Visit(query=query, session=session_from(cookies)))
-        except FlowError as err:
-            return failure(err)
+            return parse_fields(body.decode("ascii"))
+        except ValueError:  # not ASCII, repeated or too many fields: not a form we can read
+            return None
 
     def send(self, response: Response) -> None:
         """Status, headers and body in one go; for HEAD, everything but the body."""
         self.log_response(response)
+        own = {name for name, _ in response.headers}  # a route may set its own policy
         self.send_response_only(response.status)
         self.send_header("Date", self.date_time_string())
-        for name, value in (*SECURITY_HEADERS, *response.headers):
+        for name, value in (*[h for h in SECURITY_HEADERS if h[0] not in own], *response.headers):
             self.send_header(name, value)
-        self.send_header("Content-Type", "text/html; charset=utf-8")
+        self.send_header("Content-Type", response.content_type)
         self.send_header("Content-Length", str(len(response.body)))
         if self.close_connection:
             self.send_header("Connection", "close")
@@ -738,43 +779,57 @@ class Handler(http.server.BaseHTTPRequestHandler):
         target = f"{self.command} {printable(self.path.partition('?')[0], 100)}" \
             if self.command else "(unreadable request)"
         level = logging.WARNING if response.status >= 400 else logging.INFO
-        logger.log(level, "%s %s -> %d %s", self.client_address[0], target,
-                   response.status, response.note)
+        logger.log(level, "%s%s %s -> %d %s", self.server.label, self.client_address[0],
+                   target, response.status, response.note)
 
     def log_message(self, format: str, *args: Any) -> None:
         """http.server's own messages; only "Request timed out" on an idle connection is left."""
-        logger.debug("%s %s", self.client_address[0], format % args)
+        logger.debug("%s%s %s", self.server.label, self.client_address[0], format % args)
 
 
 # ---------------------------------------------------------------------------
 # The server
 # ---------------------------------------------------------------------------
 
+class App(Protocol):
+    """What a Server serves: the OAuthDemo, or the sandbox's stand-in for Mailchimp."""
+
+    def respond(self, method: str, visit: Visit) -> Response: ...
+
+
 class Server(http.server.ThreadingHTTPServer):
-    """A thread per connection; the app and the idle timeout travel with the server."""
+    """A thread per connection, every request answered by one app."""
 
     daemon_threads = True  # Ctrl+C doesn't wait for idle keep-alive connections
-    app: OAuthDemo
-    idle_timeout: float
+    app: App
 
-    def __init__(self, address: tuple[str, int]) -> None:
-        if ":" in address[0]:
+    def __init__(self, address: tuple[str, int], *, idle_timeout: float = 10.0,
+                 label: str = "") -> None:
+        self.host = address[0]
+        self.idle_timeout = idle_timeout
+        self.label = label  # a prefix for its log lines
+        if ":" in self.host:
             self.address_family = socket.AF_INET6
         super().__init__(address, Handler)
+
+    @property
+    def origin(self) -> str:
+        """http://host:port, with the port actually bound."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.server_port}"
 
 
 def make_server(config: Config, *, host: str = "127.0.0.1", port: int = 3000,
                 opener: Opener | None = None, store: MemoryStore | None = None,
-                logins: PendingLogins | None = None, idle_timeout: float = 10.0) -> Server:
-    """Bind the server (port 0 picks a free one) and build the app it serves."""
-    server = Server((host, port))
-    origin = f"[{host}]" if ":" in host else host
-    server.app = OAuthDemo(
-        replace(config, base_url=config.base_url or f"http://{origin}:{server.server_port}"),
+                logins: PendingLogins | None = None,
+                idle_timeout: float = 10.0) -> tuple[Server, OAuthDemo]:
+    """Bind (port 0 picks a free port), then build the app for the address actually bound."""
+    server = Server((host, port), idle_timeout=idle_timeout)
+    server.app = app = OAuthDemo(
+        replace(config, base_url=config.base_url or server.origin),
         opener=opener or urllib.request.build_opener(),
         store=store or MemoryStore(), logins=logins or PendingLogins())
-    server.idle_timeout = idle_timeout
-    return server
+    return server, app
 
 
 # ---------------------------------------------------------------------------
@@ -782,7 +837,7 @@ def make_server(config: Config, *, host: str = "127.0.0.1", port: int = 3000,
 # ---------------------------------------------------------------------------
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    """--host, --port, --base-url and --timeout."""
+    """--host, --port, --base-url, --timeout and --sandbox."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
     parser.add_argument("--port", type=int, default=3000, help="port to listen on; 0 picks one")
@@ -790,6 +845,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="where browsers reach this app (default http://HOST:PORT)")
     parser.add_argument("--timeout", type=positive_seconds, default=10.0,
                         help="seconds to wait for Mailchimp (default 10)")
+    parser.add_argument("--sandbox", action="store_true",
+                        help="run against a stand-in for Mailchimp on this machine; no account")
     return parser.parse_args(argv)
 
 
@@ -808,8 +865,11 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] = os.envi
     try:
         if args.host in ("0.0.0.0", "::") and not args.base_url:
             raise ConfigError(f"--host {args.host} needs --base-url: the address browsers use")
-        config = config_from_env(environ, base_url=args.base_url, timeout=args.timeout)
-        server = make_server(config, host=args.host, port=args.port)
+        if args.sandbox:  # the stand-in at the end of this file
+            server, app = sandboxed(start_sandbox(), args)
+        else:
+            config = config_from_env(environ, base_url=args.base_url, timeout=args.timeout)
+            server, app = make_server(config, host=args.host, port=args.port)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -817,11 +877,12 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] = os.envi
         print(f"error: cannot listen on {args.host} port {args.port}: {err.strerror}",
               file=sys.stderr)
         return 2
-    config = server.app.config
     print(f"Mailchimp OAuth 2 demo, listening. Press Ctrl+C to stop.\n"
-          f"  open in your browser:      {config.base_url}/\n"
-          f"  redirect URI to register:  {config.redirect_uri}\n"
-          f"  Mailchimp login server:    {config.login_url}", flush=True)
+          f"  open in your browser:      {app.config.base_url}/\n"
+          f"  redirect URI to register:  {app.config.redirect_uri}\n"
+          f"  Mailchimp login server:    {app.config.login_url}", flush=True)
+    if app.config.notice:
+        print(app.config.notice, flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
@@ -829,6 +890,205 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] = os.envi
     finally:
         server.server_close()
     return 0
+
+
+# ===========================================================================
+# Sandbox: a stand-in for Mailchimp, for --sandbox
+#
+# Not Mailchimp, and not part of the flow above: login.mailchimp.com and the
+# Marketing API in miniature, on 127.0.0.1, strict where Mailchimp is strict,
+# so the unchanged flow can run offline over real sockets. Copying this file
+# into a project? Delete from here to the end, and the --sandbox lines in
+# parse_args() and main().
+# ===========================================================================
+
+SANDBOX_NOTICE = ("SANDBOX: a stand-in for Mailchimp answers here, on this machine. "
+                  "This is not Mailchimp, and nothing leaves 127.0.0.1.")
+SANDBOX_PREFIX = "sandbox1"
+TOKEN_FIELDS = {"grant_type", "client_id", "client_secret", "redirect_uri", "code"}
+
+CONSENT = """<p>The app <b>{client_id}</b> wants to access the Mailchimp account
+<b>Sandbox Account</b>. It will come back to <code>{redirect_uri}</code>.</p>
+"""
+
+CONSENT_FORM = """<form method="post" action="/oauth2/authorize">
+{fields}<button type="submit" name="decision" value="allow">Allow</button>
+<button type="submit" name="decision" value="deny">Deny</button>
+</form>"""
+
+HIDDEN = """<input type="hidden" name="{name}" value="{value}">
+"""
+
+
+class Sandbox:
+    """The stand-in: one registered app, one account, codes and tokens kept in memory."""
+
+    def __init__(self, url: str, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self.url = url
+        self.client_id = "sandbox-" + secrets.token_hex(4)
+        self.client_secret = new_secret()
+        self.redirect_uri = ""  # registered once the app knows its own address
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._codes: dict[str, tuple[str, float]] = {}  # code -> (redirect_uri, expiry)
+        self._tokens: set[str] = set()
+        self.routes = {
+            AUTHORIZE_PATH: {"GET": self.consent, "POST": self.decide},
+            TOKEN_PATH: {"POST": self.token},
+            METADATA_PATH: {"GET": self.metadata},
+            f"/{SANDBOX_PREFIX}/3.0/ping": {"GET": self.ping},
+        }
+
+    def environ(self) -> dict[str, str]:
+        """The settings that point the app here, exactly as a user would set them."""
+        return {"MAILCHIMP_CLIENT_ID": self.client_id,
+                "MAILCHIMP_CLIENT_SECRET": self.client_secret,
+                "MAILCHIMP_LOGIN_URL": self.url, "MAILCHIMP_API_URL": self.url + "/{dc}/3.0"}
+
+    def respond(self, method: str, visit: Visit) -> Response:
+        """Answer one request; a bad authorize request gets a page, never a redirect."""
+        try:
+            return dispatch(self.routes, method, visit, SANDBOX_NOTICE)
+        except FlowError as err:
+            return Response(err.status, problem_page(err.status, err.message,
+                                                     notice=SANDBOX_NOTICE), note=err.message)
+
+    def consent(self, visit: Visit) -> Response:
+        """Authorize: check the request, then ask the user (Mailchimp asks them to log in too)."""
+        try:
+            fields = parse_fields(visit.query)
+        except ValueError as err:
+            raise FlowError(HTTPStatus.BAD_REQUEST, "", f"Unreadable request: {err}.") from err
+        self.check_authorization(fields)
+        hidden = "".join(render(HIDDEN, name=name, value=value) for name, value in fields.items())
+        content = (render(CONSENT, client_id=self.client_id, redirect_uri=self.redirect_uri)
+                   + CONSENT_FORM.format(fields=hidden))
+        app = urllib.parse.urlsplit(self.redirect_uri)  # the form's answer redirects there
+        policy = (f"default-src 'none'; form-action 'self' {app.scheme}://{app.netloc}; "
+                  "frame-ancestors 'none'")
+        return Response(HTTPStatus.OK, page("Authorize (SANDBOX, not Mailchimp)", content,
+                                            SANDBOX_NOTICE),
+                        headers=(("Content-Security-Policy", policy),))
+
+    def decide(self, visit: Visit) -> Response:
+        """The user's answer: back to the app with a code, or with error=access_denied."""
+        fields = dict(visit.form or {})
+        decision = fields.pop("decision", "")
+        self.check_authorization(fields)
+        if decision == "allow":
+            answer = {"code": self.issue_code(fields["redirect_uri"])}
+        else:
+            answer = {"error": "access_denied",
+                      "error_description": "The user denied access (in the sandbox)."}
+        if fields.get("state"):
+            answer["state"] = fields["state"]
+        return redirect(f"{self.redirect_uri}?{urllib.parse.urlencode(answer)}")
+
+    def check_authorization(self, fields: Mapping[str, str]) -> None:
+        """What Mailchimp checks before it asks the user anything; a mistake stops here."""
+        checks = [
+            (fields.get("response_type") == "code", "response_type must be code."),
+            ("scope" not in fields, "Mailchimp has no scopes: leave out the scope parameter."),
+            (fields.get("client_id") == self.client_id, "client_id is not a registered app."),
+            (fields.get("redirect_uri") == self.redirect_uri,
+             f"redirect_uri must be exactly the registered {self.redirect_uri}"),
+        ]
+        for passed, problem in checks:
+            if not passed:
+                raise FlowError(HTTPStatus.BAD_REQUEST, "", problem)
+
+    def issue_code(self, redirect_uri: str) -> str:
+        """A one-time code, valid for ten minutes, for this redirect URI only."""
+        code, now = secrets.token_hex(16), self.clock()
+        with self._lock:
+            self._codes = {c: v for c, v in self._codes.items() if v[1] > now}
+            self._codes[code] = (redirect_uri, now + LOGIN_LIFETIME)
+        return code
+
+    def token(self, visit: Visit) -> Response:
+        """Token: a form with the five fields, the right client, and a fresh, unused code."""
+        form = visit.form
+        if form is None or set(form) != TOKEN_FIELDS:
+            return oauth_error(HTTPStatus.BAD_REQUEST, "invalid_request",
+                               "Send exactly grant_type, client_id, client_secret, redirect_uri "
+                               "and code, as application/x-www-form-urlencoded.")
+        if form["grant_type"] != "authorization_code":
+            return oauth_error(HTTPStatus.BAD_REQUEST, "unsupported_grant_type",
+                               "grant_type must be authorization_code.")
+        if form["client_id"] != self.client_id or not hmac.compare_digest(
+                form["client_secret"].encode(), self.client_secret.encode()):
+            return oauth_error(HTTPStatus.UNAUTHORIZED, "invalid_client",
+                               "Client authentication failed.")
+        with self._lock:
+            issued = self._codes.pop(form["code"], None)  # single-use: gone on the first try
+        if issued is None or issued[1] <= self.clock():
+            return oauth_error(HTTPStatus.BAD_REQUEST, "invalid_grant",
+                               "The code is unknown, expired or already used.")
+        if issued[0] != form["redirect_uri"]:
+            return oauth_error(HTTPStatus.BAD_REQUEST, "invalid_grant",
+                               "redirect_uri is not the one the code was issued for.")
+        token = secrets.token_hex(16)
+        with self._lock:
+            self._tokens.add(token)
+        return json_response(HTTPStatus.OK,
+                             {"access_token": token, "expires_in": 0, "scope": None})
+
+    def metadata(self, visit: Visit) -> Response:
+        """Metadata: only for `Authorization: OAuth <token>`."""
+        if not self.knows(visit.authorization, "OAuth"):
+            return oauth_error(HTTPStatus.UNAUTHORIZED, "invalid_token",
+                               "Send Authorization: OAuth <access token>.")
+        return json_response(HTTPStatus.OK, {
+            "dc": SANDBOX_PREFIX, "role": "owner", "accountname": "Sandbox Account",
+            "user_id": 1, "login": {"login_id": 1, "login_name": "sandbox",
+                                    "login_email": "sandbox@example.com"},
+            "login_url": self.url, "api_endpoint": f"{self.url}/{SANDBOX_PREFIX}"})
+
+    def ping(self, visit: Visit) -> Response:
+        """The Marketing API's ping: `Bearer <token>` (or `OAuth <token>`)."""
+        if not self.knows(visit.authorization, "Bearer", "OAuth"):
+            return json_response(HTTPStatus.UNAUTHORIZED, {
+                "type": "https://mailchimp.com/developer/marketing/docs/errors/",
+                "title": "API Key Invalid", "status": 401,
+                "detail": "Send Authorization: Bearer <access token>."},
+                "application/problem+json; charset=utf-8")
+        return json_response(HTTPStatus.OK, {"health_status": "Everything's Chimpy!"})
+
+    def knows(self, authorization: str, *schemes: str) -> bool:
+        """Whether the header carries a token this stand-in issued, in an accepted scheme."""
+        scheme, _, token = authorization.partition(" ")
+        with self._lock:
+            return scheme in schemes and token in self._tokens
+
+
+def json_response(status: HTTPStatus, data: dict[str, Any],
+                  content_type: str = "application/json; charset=utf-8") -> Response:
+    """A JSON reply, as Mailchimp's API gives them."""
+    return Response(status, json.dumps(data).encode("utf-8"), content_type=content_type,
+                    note=str(data.get("error", data.get("title", ""))))
+
+
+def oauth_error(status: HTTPStatus, error: str, description: str) -> Response:
+    """An OAuth 2 error reply (RFC 6749 §5.2)."""
+    return json_response(status, {"error": error, "error_description": description})
+
+
+def start_sandbox() -> Sandbox:
+    """Run the stand-in on a free port of 127.0.0.1, in a thread of this process."""
+    server = Server(("127.0.0.1", 0), label="sandbox: ")
+    server.app = sandbox = Sandbox(server.origin)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return sandbox
+
+
+def sandboxed(sandbox: Sandbox, args: argparse.Namespace) -> tuple[Server, OAuthDemo]:
+    """--sandbox: the app, pointed at the stand-in just as a user would point it anywhere."""
+    config = config_from_env(sandbox.environ(), base_url=args.base_url, timeout=args.timeout)
+    no_proxy = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # stay on loopback
+    server, app = make_server(replace(config, notice=SANDBOX_NOTICE), host=args.host,
+                              port=args.port, opener=no_proxy)
+    sandbox.redirect_uri = app.config.redirect_uri  # as registering the app with Mailchimp
+    return server, app
 
 
 if __name__ == "__main__":

@@ -3,7 +3,9 @@ server on a free port with a scripted stand-in for Mailchimp (no network, no moc
 
 from __future__ import annotations
 
+import contextlib
 import email.message
+import html.parser
 import http.client
 import io
 import json
@@ -411,19 +413,23 @@ class Page:
 
 
 class Browser:
-    """Just enough of a browser: keeps cookies, follows nothing, one connection a request."""
+    """Just enough of a browser: one cookie jar for 127.0.0.1 (whatever the port, as browsers
+    keep them), follows nothing, one connection a request."""
 
     def __init__(self, port: int) -> None:
-        self.port = port
+        self.origin = f"http://127.0.0.1:{port}"
         self.cookies: dict[str, str] = {}
 
     def get(self, target: str, method: str = "GET", headers: dict[str, str] | None = None,
             body: bytes | None = None) -> Page:
-        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+        url = urllib.parse.urlsplit(urllib.parse.urljoin(self.origin, target))
+        assert url.hostname == "127.0.0.1" and url.port, f"left loopback: {target}"
+        connection = http.client.HTTPConnection(url.hostname, url.port, timeout=10)
         sent = dict(headers or {})
         if self.cookies:
             sent["Cookie"] = "; ".join(f"{name}={value}" for name, value in self.cookies.items())
-        connection.request(method, target, body=body, headers=sent)
+        path = url.path + (f"?{url.query}" if url.query else "")
+        connection.request(method, path, body=body, headers=sent)
         response = connection.getresponse()
         text = response.read().decode()
         connection.close()
@@ -431,6 +437,10 @@ class Browser:
             name, _, rest = cookie.partition("=")
             self.cookies[name] = rest.split(";")[0]
         return Page(response.status, response.headers, text)
+
+    def post_form(self, target: str, fields: dict[str, str]) -> Page:
+        return self.get(target, "POST", body=urllib.parse.urlencode(fields).encode(),
+                        headers={"Content-Type": "application/x-www-form-urlencoded"})
 
     def start_login(self) -> str:
         """Step 2, as the browser sees it; returns the state Mailchimp would send back."""
@@ -454,17 +464,26 @@ def clock() -> Clock:
     return Clock()
 
 
+@contextlib.contextmanager
+def serving(server: demo.Server) -> Iterator[demo.Server]:
+    """Run a server in a thread for the length of a test."""
+    thread = threading.Thread(target=server.serve_forever, args=(0.01,), daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
 @pytest.fixture
 def server(mailchimp: FakeMailchimp, clock: Clock) -> Iterator[demo.Server]:
     config = demo.Config(client_id=CLIENT_ID, client_secret=CLIENT_SECRET)
-    server = demo.make_server(config, port=0, opener=mailchimp, idle_timeout=0.5,
-                              logins=demo.PendingLogins(clock=clock))
-    thread = threading.Thread(target=server.serve_forever, args=(0.01,), daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
-    thread.join()
+    server, _ = demo.make_server(config, port=0, opener=mailchimp, idle_timeout=0.5,
+                                 logins=demo.PendingLogins(clock=clock))
+    with serving(server):
+        yield server
 
 
 @pytest.fixture
@@ -749,14 +768,16 @@ def test_head_answers_like_get_without_a_body(browser: Browser) -> None:
     assert head.headers["Content-Length"] == get.headers["Content-Length"]
 
 
-@pytest.mark.parametrize("method, status", [
-    ("POST", HTTPStatus.NOT_IMPLEMENTED), ("PUT", HTTPStatus.NOT_IMPLEMENTED),
-    ("DELETE", HTTPStatus.NOT_IMPLEMENTED), ("BREW", HTTPStatus.NOT_IMPLEMENTED),
-])
-def test_other_methods_are_refused_cleanly(browser: Browser, method: str,
-                                           status: HTTPStatus) -> None:
+def test_post_to_a_page_is_405_naming_the_allowed_methods(browser: Browser) -> None:
+    page = browser.get("/", method="POST")
+    assert page.status == HTTPStatus.METHOD_NOT_ALLOWED
+    assert page.headers["Allow"] == "GET, HEAD"
+
+
+@pytest.mark.parametrize("method", ["PUT", "DELETE", "BREW"])
+def test_other_methods_are_refused_cleanly(browser: Browser, method: str) -> None:
     page = browser.get("/", method=method)
-    assert page.status == status and "Traceback" not in page.text
+    assert page.status == HTTPStatus.NOT_IMPLEMENTED and "Traceback" not in page.text
 
 
 def raw_exchange(port: int, data: bytes) -> bytes:
@@ -796,11 +817,18 @@ def test_hostile_requests_get_a_clean_answer_and_the_server_keeps_serving(
     assert browser.get("/").status == HTTPStatus.OK
 
 
-def test_a_request_body_is_never_read_as_the_next_request(server: demo.Server) -> None:
-    smuggled = (b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 44\r\n\r\n"
+@pytest.mark.parametrize("headers", [
+    b"Content-Length: 44\r\n",  # read as this request's body
+    b"Content-Length: 99999999\r\n",  # too big to read: the connection closes instead
+    b"Transfer-Encoding: chunked\r\n",  # not supported: the connection closes instead
+    b"Content-Length: -1\r\n",
+])
+def test_a_request_body_is_never_read_as_the_next_request(server: demo.Server,
+                                                          headers: bytes) -> None:
+    smuggled = (b"GET / HTTP/1.1\r\nHost: x\r\n" + headers + b"\r\n"
                 b"GET /auth/mailchimp HTTP/1.1\r\nHost: x\r\n\r\n")
     answer = raw_exchange(server.server_port, smuggled)
-    assert answer.count(b"HTTP/1.1 ") == 1 and b"Connection: close" in answer
+    assert answer.count(b"HTTP/1.1 ") == 1 and b"302" not in answer
 
 
 def test_a_client_that_sends_nothing_is_let_go(server: demo.Server) -> None:
@@ -857,3 +885,214 @@ def test_a_port_in_use_is_one_line_and_exit_status_2(
         server: demo.Server, capsys: pytest.CaptureFixture[str]) -> None:
     assert demo.main(["--port", str(server.server_port)], environ=ENV) == 2
     assert "cannot listen" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------
+# Sandbox: the whole flow over real sockets, against the stand-in
+# ---------------------------------------------------------------------------
+
+class ConsentForm(html.parser.HTMLParser):
+    """The consent page's form: where it posts, and its hidden fields."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.action = ""
+        self.fields: dict[str, str] = {}
+        self.feed(text)
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        named = dict(attrs)
+        if tag == "form":
+            self.action = named["action"] or ""
+        if tag == "input" and named.get("type") == "hidden":
+            self.fields[named["name"] or ""] = named["value"] or ""
+
+
+def decide(browser: Browser, decision: str) -> str:
+    """Step 2 and the consent page, as a person does them; returns where the stand-in sends
+    the browser back to (the callback, with a code or an error)."""
+    consent_url = browser.get("/auth/mailchimp").headers["Location"]
+    form = ConsentForm(browser.get(consent_url).text)
+    answer = browser.post_form(urllib.parse.urljoin(consent_url, form.action),
+                               {**form.fields, "decision": decision})
+    assert answer.status == HTTPStatus.FOUND, answer.text
+    return str(answer.headers["Location"])
+
+
+def click(browser: Browser, decision: str) -> Page:
+    """Steps 2 to 7 with the user clicking Allow or Deny."""
+    return browser.get(decide(browser, decision))
+
+
+@pytest.fixture
+def stand_in(clock: Clock) -> Iterator[demo.Sandbox]:
+    server = demo.Server(("127.0.0.1", 0), label="sandbox: ")
+    server.app = sandbox = demo.Sandbox(server.origin, clock=clock)
+    with serving(server):
+        yield sandbox
+
+
+@pytest.fixture
+def sandboxed(stand_in: demo.Sandbox) -> Iterator[Browser]:
+    server, _ = demo.sandboxed(stand_in, demo.parse_args(["--sandbox", "--port", "0"]))
+    with serving(server):
+        yield Browser(server.server_port)
+
+
+def test_sandbox_allow_connects_to_the_sandbox_account(sandboxed: Browser) -> None:
+    assert click(sandboxed, "allow").status == HTTPStatus.SEE_OTHER
+    page = sandboxed.get("/")
+    assert "Sandbox Account" in page.text and demo.SANDBOX_PREFIX in page.text
+    assert "Everything&#x27;s Chimpy!" in page.text
+
+
+def test_sandbox_deny_comes_back_as_access_denied(sandboxed: Browser) -> None:
+    page = click(sandboxed, "deny")
+    assert page.status == HTTPStatus.FORBIDDEN and "access_denied" in page.text
+
+
+def test_sandbox_refuses_a_replayed_code(sandboxed: Browser) -> None:
+    callback = decide(sandboxed, "allow")
+    assert sandboxed.get(callback).status == HTTPStatus.SEE_OTHER
+    code = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(callback).query))["code"]
+    page = sandboxed.callback(code=code, state=sandboxed.start_login())  # a fresh state
+    assert page.status == HTTPStatus.BAD_GATEWAY and "invalid_grant" in page.text
+
+
+def test_sandbox_refuses_the_secret_after_rotation_and_the_page_says_so(
+        sandboxed: Browser, stand_in: demo.Sandbox) -> None:
+    stand_in.client_secret = demo.new_secret()  # rotated in "Mailchimp"; the app has the old one
+    page = click(sandboxed, "allow")
+    assert page.status == HTTPStatus.BAD_GATEWAY
+    assert "invalid_client" in page.text and "rotated" in page.text
+
+
+def test_sandbox_pages_say_sandbox(sandboxed: Browser) -> None:
+    consent = sandboxed.get(sandboxed.get("/auth/mailchimp").headers["Location"])
+    for page in (consent, sandboxed.get("/"), sandboxed.get("/nowhere")):
+        assert "SANDBOX" in page.text
+
+
+def test_sandbox_consent_form_may_send_the_browser_back_to_the_app_only(
+        sandboxed: Browser) -> None:
+    consent = sandboxed.get(sandboxed.get("/auth/mailchimp").headers["Location"])
+    policy = consent.headers["Content-Security-Policy"]
+    assert f"form-action 'self' {sandboxed.origin};" in policy
+
+
+# --- the stand-in refuses what Mailchimp refuses ---------------------------
+
+def authorize_query(sandbox: demo.Sandbox, **changes: str) -> str:
+    fields = {"response_type": "code", "client_id": sandbox.client_id,
+              "redirect_uri": sandbox.redirect_uri, "state": "s", **changes}
+    return urllib.parse.urlencode({name: value for name, value in fields.items() if value})
+
+
+@pytest.mark.parametrize("changes, says", [
+    ({"redirect_uri": "http://127.0.0.1:1/oauth/mailchimp/callback"}, "redirect_uri must be"),
+    ({"redirect_uri": ""}, "redirect_uri must be"),
+    ({"client_id": "someone-else"}, "client_id"),
+    ({"response_type": "token"}, "response_type"),
+    ({"scope": "audiences"}, "no scopes"),
+])
+def test_stand_in_authorize_refuses_a_bad_request_without_redirecting(
+        stand_in: demo.Sandbox, changes: dict[str, str], says: str) -> None:
+    stand_in.redirect_uri = "http://127.0.0.1:3000/oauth/mailchimp/callback"
+    page = Browser(0).get(f"{stand_in.url}/oauth2/authorize?{authorize_query(stand_in, **changes)}")
+    assert page.status == HTTPStatus.BAD_REQUEST and "Location" not in page.headers
+    assert says in page.text and "SANDBOX" in page.text
+
+
+def token_fields(sandbox: demo.Sandbox, **changes: str) -> dict[str, str]:
+    sandbox.redirect_uri = "http://127.0.0.1:3000/oauth/mailchimp/callback"
+    fields = {"grant_type": "authorization_code", "client_id": sandbox.client_id,
+              "client_secret": sandbox.client_secret, "redirect_uri": sandbox.redirect_uri,
+              "code": sandbox.issue_code(sandbox.redirect_uri), **changes}
+    return {name: value for name, value in fields.items() if value != "-"}
+
+
+def test_stand_in_token_answers_mailchimps_shape(stand_in: demo.Sandbox) -> None:
+    page = Browser(0).post_form(f"{stand_in.url}/oauth2/token", token_fields(stand_in))
+    answer = json.loads(page.text)
+    assert page.status == HTTPStatus.OK and set(answer) == {"access_token", "expires_in", "scope"}
+    assert (answer["expires_in"], answer["scope"]) == (0, None)
+
+
+@pytest.mark.parametrize("changes, status, error", [
+    ({"client_secret": "rotated-away"}, 401, "invalid_client"),
+    ({"client_id": "someone-else"}, 401, "invalid_client"),
+    ({"grant_type": "client_credentials"}, 400, "unsupported_grant_type"),
+    ({"code": "made-up"}, 400, "invalid_grant"),
+    ({"redirect_uri": "http://127.0.0.1:3000/other"}, 400, "invalid_grant"),
+    ({"code": "-"}, 400, "invalid_request"),
+    ({"scope": "x"}, 400, "invalid_request"),
+])
+def test_stand_in_token_refuses_what_mailchimp_refuses(
+        stand_in: demo.Sandbox, changes: dict[str, str], status: int, error: str) -> None:
+    page = Browser(0).post_form(f"{stand_in.url}/oauth2/token", token_fields(stand_in, **changes))
+    assert (page.status, json.loads(page.text)["error"]) == (status, error)
+
+
+def test_stand_in_token_refuses_json(stand_in: demo.Sandbox) -> None:
+    page = Browser(0).get(f"{stand_in.url}/oauth2/token", "POST",
+                          body=json.dumps(token_fields(stand_in)).encode(),
+                          headers={"Content-Type": "application/json"})
+    assert (page.status, json.loads(page.text)["error"]) == (400, "invalid_request")
+
+
+def test_stand_in_codes_are_single_use_and_expire(stand_in: demo.Sandbox, clock: Clock) -> None:
+    fields = token_fields(stand_in)
+    url = f"{stand_in.url}/oauth2/token"
+    assert Browser(0).post_form(url, fields).status == HTTPStatus.OK
+    assert json.loads(Browser(0).post_form(url, fields).text)["error"] == "invalid_grant"
+    late = token_fields(stand_in)
+    clock.now += demo.LOGIN_LIFETIME + 1
+    assert json.loads(Browser(0).post_form(url, late).text)["error"] == "invalid_grant"
+
+
+def issued_token(sandbox: demo.Sandbox) -> str:
+    page = Browser(0).post_form(f"{sandbox.url}/oauth2/token", token_fields(sandbox))
+    return str(json.loads(page.text)["access_token"])
+
+
+@pytest.mark.parametrize("scheme, status", [("OAuth", 200), ("Bearer", 401), ("", 401)])
+def test_stand_in_metadata_wants_the_oauth_scheme(stand_in: demo.Sandbox, scheme: str,
+                                                  status: int) -> None:
+    token = issued_token(stand_in)
+    page = Browser(0).get(f"{stand_in.url}/oauth2/metadata",
+                          headers={"Authorization": f"{scheme} {token}".strip()})
+    assert page.status == status
+    if status == 200:
+        assert json.loads(page.text)["dc"] == demo.SANDBOX_PREFIX
+
+
+@pytest.mark.parametrize("authorization, status", [
+    ("Bearer {token}", 200), ("OAuth {token}", 200), ("Bearer not-issued", 401), ("", 401),
+])
+def test_stand_in_ping_wants_an_issued_token(stand_in: demo.Sandbox, authorization: str,
+                                             status: int) -> None:
+    header = authorization.format(token=issued_token(stand_in))
+    page = Browser(0).get(f"{stand_in.url}/{demo.SANDBOX_PREFIX}/3.0/ping",
+                          headers={"Authorization": header} if header else {})
+    assert page.status == status
+    if status == 401:
+        assert page.headers["Content-Type"].startswith("application/problem+json")
+
+
+def test_sandbox_command_runs_the_whole_flow_offline_with_no_settings() -> None:
+    process = run_module("--sandbox", "--port", "0",
+                         env={"http_proxy": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9",
+                              "https_proxy": "http://127.0.0.1:9"})
+    watchdog = threading.Timer(20, process.kill)
+    watchdog.start()
+    try:
+        assert process.stdout is not None
+        lines = [process.stdout.readline() for _ in range(5)]
+        assert "SANDBOX" in lines[4]
+        browser = Browser(int(lines[1].split()[-1].rstrip("/").rsplit(":", 1)[1]))
+        assert click(browser, "allow").status == HTTPStatus.SEE_OTHER
+        assert "Sandbox Account" in browser.get("/").text
+    finally:
+        watchdog.cancel()
+        process.terminate()
+        process.communicate(timeout=10)
