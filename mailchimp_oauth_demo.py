@@ -38,7 +38,9 @@ import os
 import re
 import secrets
 import socket
+import stat
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
@@ -46,7 +48,7 @@ import urllib.parse
 import urllib.request
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from http import HTTPStatus
 from typing import Any, Protocol
 
@@ -157,6 +159,7 @@ STEP_CALLBACK = "step 3 (callback)"
 STEP_TOKEN = "step 4 (token exchange)"
 STEP_METADATA = "step 5 (metadata)"
 STEP_PING = "step 6 (ping)"
+STEP_KEEP = "step 7 (keeping the connection)"
 
 MAX_REPLY_BYTES = 64 * 1024  # Mailchimp's replies are tiny; a huge one is a fault, not data
 AUTH_CODE = re.compile(r"[\x20-\x7e]{1,512}")  # RFC 6749 App. A.11: code is printable ASCII
@@ -166,7 +169,7 @@ SERVER_PREFIX = re.compile(r"[a-z]{1,10}[0-9]{1,10}")  # "us19": nothing that ca
 HINT_ROTATED_SECRET = ("Mailchimp did not accept the client id and secret. If the secret was "
                        "rotated, put the new one in MAILCHIMP_CLIENT_SECRET and restart.")
 HINT_REVOKED = ("Mailchimp no longer accepts this token: the user may have removed the app "
-                "from their account. Connect again.")
+                "from their account. This app has forgotten it; connect again.")
 
 
 class FlowError(Exception):
@@ -460,6 +463,13 @@ class PendingLogins:
                 logins.remove(match)
         return match is not None and match[1] > now
 
+    def transfer(self, old: str, new: str) -> None:
+        """Carry a browser's other logins in progress over to its new session id."""
+        with self._lock:
+            logins = self._by_session.pop(old, None)
+            if logins:
+                self._by_session[new] = logins
+
 
 @dataclass(frozen=True)
 class Connection:
@@ -472,20 +482,114 @@ class Connection:
     connected_at: str  # ISO 8601, UTC
 
 
+class Store(Protocol):
+    """Where connections are kept, by session id: your database, in a real app."""
+
+    def save(self, session: str, connection: Connection) -> None: ...
+    def load(self, session: str) -> Connection | None: ...
+    def delete(self, session: str) -> None: ...
+
+
+class StoreError(Exception):
+    """The store can't be read or written; what it holds is left as it was."""
+
+
 class MemoryStore:
-    """Connections by session id, in memory: gone when the server stops."""
+    """Connections in memory: gone when the server stops."""
 
-    def __init__(self) -> None:
+    def __init__(self, connections: dict[str, Connection] | None = None) -> None:
         self._lock = threading.Lock()
-        self._connections: dict[str, Connection] = {}
-
-    def save(self, session: str, connection: Connection) -> None:
-        with self._lock:
-            self._connections[session] = connection
+        self._connections = dict(connections or {})
 
     def load(self, session: str) -> Connection | None:
         with self._lock:
             return self._connections.get(session)
+
+    def save(self, session: str, connection: Connection) -> None:
+        self.change(session, connection)
+
+    def delete(self, session: str) -> None:
+        self.change(session, None)
+
+    def change(self, session: str, connection: Connection | None) -> None:
+        """One change at a time, made durable before it is made visible."""
+        with self._lock:
+            connections = {key: value for key, value in self._connections.items()
+                           if key != session}
+            if connection is not None:
+                connections[session] = connection
+            self.keep(connections)  # if this raises, nothing has changed
+            self._connections = connections
+
+    def keep(self, connections: dict[str, Connection]) -> None:
+        """Make a new set of connections durable; memory needs nothing more."""
+
+
+class JsonFileStore(MemoryStore):
+    """Connections in a JSON file that survives restarts, readable by its owner only.
+    The tokens in it are not encrypted: a real app encrypts them (see the README)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = os.path.abspath(path)
+        if not os.path.exists(self.path):
+            self.keep({})  # now, so a folder we can't write to stops start-up, not a login
+        super().__init__(read_store(self.path))
+
+    def keep(self, connections: dict[str, Connection]) -> None:
+        """Write a temporary file in the same folder (mode 0600), fsync, rename it over the
+        old one: a crash leaves the old file or the new one, never half of either."""
+        document = {"version": 1, "connections": {
+            session: asdict(connection) for session, connection in connections.items()}}
+        try:
+            handle, temporary = tempfile.mkstemp(dir=os.path.dirname(self.path),
+                                                 prefix=".mailchimp-store-")
+            try:
+                with os.fdopen(handle, "w", encoding="utf-8") as file:
+                    json.dump(document, file, indent=1)
+                    file.flush()
+                    os.fsync(file.fileno())
+                os.replace(temporary, self.path)
+            except BaseException:
+                os.unlink(temporary)
+                raise
+        except OSError as err:
+            raise StoreError(f"cannot write {self.path}: {err.strerror}") from err
+
+
+def read_store(path: str) -> dict[str, Connection]:
+    """A store file's connections. Anything unexpected stops start-up and leaves the file
+    exactly as it was: nothing a user saved is overwritten by a failed read."""
+    try:
+        with open(path, encoding="utf-8") as file:
+            info = os.fstat(file.fileno())
+            text = file.read()
+    except (OSError, UnicodeDecodeError) as err:
+        raise StoreError(f"cannot read {path}: {getattr(err, 'strerror', None) or err}") from err
+    if os.name == "posix" and info.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise StoreError(f"{path} holds access tokens but other users can read it: "
+                         f"run chmod 600 {path}")
+    try:
+        document = json.loads(text)
+        if not isinstance(document, dict) or document.get("version") != 1 \
+                or not isinstance(document.get("connections"), dict):
+            raise ValueError("it is not version 1 of this app's store")
+        return {session: connection_from(session, entry)
+                for session, entry in document["connections"].items()}
+    except (ValueError, TypeError, RecursionError) as err:
+        raise StoreError(f"{path} is not a store this app can read ({err}); "
+                         "it was left as it is") from err
+
+
+def connection_from(session: str, entry: object) -> Connection:
+    """One stored connection, checked as closely as a reply from Mailchimp."""
+    if not SESSION_ID.fullmatch(session) or not isinstance(entry, dict) \
+            or not all(isinstance(value, str) for value in entry.values()):
+        raise ValueError("an entry is malformed")
+    connection = Connection(**entry)  # TypeError for a missing or unknown field
+    if not (ACCESS_TOKEN.fullmatch(connection.access_token)
+            and SERVER_PREFIX.fullmatch(connection.server_prefix)):
+        raise ValueError("an entry has an impossible token or server prefix")
+    return connection
 
 
 def session_from(cookie_header: str) -> str:
@@ -497,10 +601,12 @@ def session_from(cookie_header: str) -> str:
     return ""
 
 
-def session_cookie(session: str) -> str:
+def session_cookie(session: str, *, secure: bool, forget: bool = False) -> str:
     """Set-Cookie for the session: HttpOnly keeps page scripts from reading it; SameSite=Lax
-    still sends it when Mailchimp redirects the browser back, but not on cross-site POSTs."""
-    return f"{SESSION_COOKIE}={session}; Path=/; HttpOnly; SameSite=Lax"
+    still sends it when Mailchimp redirects the browser back, but not on cross-site POSTs;
+    Secure keeps it off plain HTTP once the app is served over HTTPS."""
+    return (f"{SESSION_COOKIE}={session}; Path=/; HttpOnly; SameSite=Lax"
+            + ("; Secure" if secure else "") + ("; Max-Age=0" if forget else ""))
 
 
 def mask(token: str) -> str:
@@ -538,7 +644,13 @@ CONNECTED = """<p>Mailchimp accepted the connection. What the app keeps:</p>
 <dt>Connected at</dt><dd>{connected_at}</dd>
 <dt>Ping</dt><dd>{health}</dd>
 </dl>
-<p><a href="/auth/mailchimp">Connect again</a></p>"""
+<p><a href="/ping">Ping Mailchimp again</a></p>
+<form method="post" action="/disconnect"><button type="submit">Disconnect</button></form>"""
+
+DISCONNECTED = """<p>This app has forgotten the access token and the server prefix.</p>
+<p>The token itself keeps working until the user revokes it, and Mailchimp has no endpoint for
+that: to take this app's access away entirely, remove the app in your Mailchimp account.</p>
+<p><a href="/">Back to the start</a></p>"""
 
 PROBLEM = """<p>{message}</p>
 <p>{hint}</p>
@@ -583,6 +695,7 @@ class Visit:
     session: str = ""  # the session cookie, if it is well formed
     form: dict[str, str] | None = None  # the body's fields, if it is a small urlencoded form
     authorization: str = ""
+    origin: str = ""  # the Origin header browsers send with a POST
 
 
 @dataclass(frozen=True)
@@ -628,17 +741,20 @@ def dispatch(routes: Mapping[str, Mapping[str, Callable[[Visit], Response]]], me
 class OAuthDemo:
     """The flow itself: steps 1, 2, and 3 to 7, one route each."""
 
-    def __init__(self, config: Config, *, opener: Opener, store: MemoryStore,
+    def __init__(self, config: Config, *, opener: Opener, store: Store,
                  logins: PendingLogins) -> None:
         self.config = config
         self.opener = opener
         self.store = store
         self.logins = logins
+        self.secure = config.base_url.startswith("https:")  # then cookies are Secure too
         self.welcome = page("Mailchimp OAuth 2 demo", WELCOME, config.notice)  # built once
         self.routes = {
             "/": {"GET": self.show_index},
             "/auth/mailchimp": {"GET": self.start_login},
             CALLBACK_PATH: {"GET": self.finish_login},
+            "/ping": {"GET": self.ping_again},
+            "/disconnect": {"POST": self.disconnect},
         }
 
     def respond(self, method: str, visit: Visit) -> Response:
@@ -647,6 +763,9 @@ class OAuthDemo:
             return dispatch(self.routes, method, visit, self.config.notice)
         except FlowError as err:
             return failure(err, self.config.notice)
+        except StoreError as err:  # a full disk, say: the user gets a page, the server lives on
+            return failure(FlowError(HTTPStatus.INTERNAL_SERVER_ERROR, STEP_KEEP, str(err)),
+                           self.config.notice)
 
     def show_index(self, visit: Visit) -> Response:
         """Step 1: the start page, or what this browser's connection holds."""
@@ -659,7 +778,8 @@ class OAuthDemo:
         """Step 2: send the browser to Mailchimp, remembering a fresh state for it."""
         session = visit.session or new_secret()
         state = self.logins.start(session)
-        return redirect(authorize_url(self.config, state), ("Set-Cookie", session_cookie(session)))
+        return redirect(authorize_url(self.config, state),
+                        ("Set-Cookie", session_cookie(session, secure=self.secure)))
 
     def finish_login(self, visit: Visit) -> Response:
         """Steps 3 to 7: check the callback, get the token, the account and a ping, then leave."""
@@ -679,11 +799,39 @@ class OAuthDemo:
         account = read_metadata(self.call(metadata_request(self.config, token), STEP_METADATA))
         health = read_ping(self.call(
             ping_request(self.config, account.server_prefix, token), STEP_PING))
-        self.store.save(visit.session, Connection(
-            token, account.server_prefix, account.name, health,
-            time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())))
-        # Step 7. RFC 6749 §3.1.2.5: don't leave the code in the address bar or history.
-        return redirect("/", status=HTTPStatus.SEE_OTHER)
+        # Step 7: keep what the next requests need, under a new session id (one planted in
+        # this browser before the login is worth nothing now), and leave this URL:
+        # RFC 6749 §3.1.2.5, the code must not stay in the address bar or history.
+        session = new_secret()
+        self.store.save(session, Connection(token, account.server_prefix, account.name, health,
+                                            time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())))
+        self.store.delete(visit.session)
+        self.logins.transfer(visit.session, session)  # other tabs may still be logging in
+        return redirect("/", ("Set-Cookie", session_cookie(session, secure=self.secure)),
+                        status=HTTPStatus.SEE_OTHER)
+
+    def ping_again(self, visit: Visit) -> Response:
+        """Later: call the API with the kept token and server prefix, no new login needed."""
+        connection = self.store.load(visit.session) if visit.session else None
+        if connection is None:
+            return redirect("/", status=HTTPStatus.SEE_OTHER)
+        reply = self.call(ping_request(self.config, connection.server_prefix,
+                                       connection.access_token), STEP_PING)
+        if reply.status == HTTPStatus.UNAUTHORIZED:  # the user removed the app in Mailchimp
+            self.store.delete(visit.session)
+        connection = replace(connection, health_status=read_ping(reply))
+        self.store.save(visit.session, connection)
+        return Response(HTTPStatus.OK, connected_page(connection, self.config.notice))
+
+    def disconnect(self, visit: Visit) -> Response:
+        """Forget this browser's connection (Mailchimp has no endpoint to revoke a token)."""
+        if visit.origin and visit.origin != self.config.base_url:  # SameSite ignores ports
+            raise FlowError(HTTPStatus.FORBIDDEN, "disconnect",
+                            "This request came from another site; nothing was changed.")
+        if visit.session:
+            self.store.delete(visit.session)
+        return Response(HTTPStatus.OK, page("Disconnected", DISCONNECTED, self.config.notice),
+                        (("Set-Cookie", session_cookie("", secure=self.secure, forget=True)),))
 
     def call(self, request: urllib.request.Request, step: str) -> Reply:
         """One request to Mailchimp, with the configured timeout."""
@@ -731,7 +879,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         path, _, query = self.path.partition("?")
         visit = Visit(path, query,
                       session=session_from("; ".join(self.headers.get_all("Cookie") or [])),
-                      form=self.read_form(), authorization=self.headers.get("Authorization", ""))
+                      form=self.read_form(), authorization=self.headers.get("Authorization", ""),
+                      origin=self.headers.get("Origin", ""))
         self.send(self.server.app.respond(self.command, visit))
 
     def read_form(self) -> dict[str, str] | None:
@@ -820,7 +969,7 @@ class Server(http.server.ThreadingHTTPServer):
 
 
 def make_server(config: Config, *, host: str = "127.0.0.1", port: int = 3000,
-                opener: Opener | None = None, store: MemoryStore | None = None,
+                opener: Opener | None = None, store: Store | None = None,
                 logins: PendingLogins | None = None,
                 idle_timeout: float = 10.0) -> tuple[Server, OAuthDemo]:
     """Bind (port 0 picks a free port), then build the app for the address actually bound."""
@@ -837,7 +986,7 @@ def make_server(config: Config, *, host: str = "127.0.0.1", port: int = 3000,
 # ---------------------------------------------------------------------------
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    """--host, --port, --base-url, --timeout and --sandbox."""
+    """--host, --port, --base-url, --timeout, --store and --sandbox."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
     parser.add_argument("--port", type=int, default=3000, help="port to listen on; 0 picks one")
@@ -845,6 +994,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="where browsers reach this app (default http://HOST:PORT)")
     parser.add_argument("--timeout", type=positive_seconds, default=10.0,
                         help="seconds to wait for Mailchimp (default 10)")
+    parser.add_argument("--store", metavar="PATH",
+                        help="keep connections in this JSON file, across restarts")
     parser.add_argument("--sandbox", action="store_true",
                         help="run against a stand-in for Mailchimp on this machine; no account")
     return parser.parse_args(argv)
@@ -865,12 +1016,13 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] = os.envi
     try:
         if args.host in ("0.0.0.0", "::") and not args.base_url:
             raise ConfigError(f"--host {args.host} needs --base-url: the address browsers use")
+        store = JsonFileStore(args.store) if args.store else MemoryStore()
         if args.sandbox:  # the stand-in at the end of this file
-            server, app = sandboxed(start_sandbox(), args)
+            server, app = sandboxed(start_sandbox(), args, store)
         else:
             config = config_from_env(environ, base_url=args.base_url, timeout=args.timeout)
-            server, app = make_server(config, host=args.host, port=args.port)
-    except ConfigError as err:
+            server, app = make_server(config, host=args.host, port=args.port, store=store)
+    except (ConfigError, StoreError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except OSError as err:  # the port is taken, or the address isn't this machine's
@@ -1081,12 +1233,13 @@ def start_sandbox() -> Sandbox:
     return sandbox
 
 
-def sandboxed(sandbox: Sandbox, args: argparse.Namespace) -> tuple[Server, OAuthDemo]:
+def sandboxed(sandbox: Sandbox, args: argparse.Namespace,
+              store: Store | None = None) -> tuple[Server, OAuthDemo]:
     """--sandbox: the app, pointed at the stand-in just as a user would point it anywhere."""
     config = config_from_env(sandbox.environ(), base_url=args.base_url, timeout=args.timeout)
     no_proxy = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # stay on loopback
     server, app = make_server(replace(config, notice=SANDBOX_NOTICE), host=args.host,
-                              port=args.port, opener=no_proxy)
+                              port=args.port, opener=no_proxy, store=store)
     sandbox.redirect_uri = app.config.redirect_uri  # as registering the app with Mailchimp
     return server, app
 

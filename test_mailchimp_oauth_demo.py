@@ -20,7 +20,7 @@ import urllib.parse
 import urllib.request
 import urllib.response
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from http import HTTPStatus
 from typing import Any
 
@@ -398,6 +398,122 @@ def test_pending_logins_stay_bounded_dropping_the_oldest() -> None:
 
 
 # ---------------------------------------------------------------------------
+# Keeping connections
+# ---------------------------------------------------------------------------
+
+CONNECTION = demo.Connection(TOKEN, "us19", "Freddie's Jokes", "Everything's Chimpy!",
+                             "2026-11-29T00:00:00Z")
+
+
+def test_a_connection_never_shows_its_token_in_its_repr() -> None:
+    assert TOKEN not in repr(CONNECTION)
+
+
+@pytest.mark.parametrize("make_store", [demo.MemoryStore, "file"])
+def test_a_store_saves_loads_and_deletes(make_store: Any, tmp_path: Any) -> None:
+    store = demo.JsonFileStore(str(tmp_path / "s.json")) if make_store == "file" else make_store()
+    store.save(SESSION_A, CONNECTION)
+    assert store.load(SESSION_A) == CONNECTION and store.load(SESSION_B) is None
+    store.delete(SESSION_A)
+    assert store.load(SESSION_A) is None
+
+
+def test_a_file_store_survives_a_restart(tmp_path: Any) -> None:
+    path = str(tmp_path / "store.json")
+    demo.JsonFileStore(path).save(SESSION_A, CONNECTION)
+    assert demo.JsonFileStore(path).load(SESSION_A) == CONNECTION
+
+
+@pytest.mark.skipif(os.name != "posix", reason="file modes are POSIX")
+def test_a_file_store_is_readable_by_its_owner_only(tmp_path: Any) -> None:
+    path = tmp_path / "store.json"
+    store = demo.JsonFileStore(str(path))
+    assert path.stat().st_mode & 0o777 == 0o600  # from the start, before anything is saved
+    store.save(SESSION_A, CONNECTION)
+    assert path.stat().st_mode & 0o777 == 0o600
+
+
+def test_a_file_store_leaves_no_temporary_files(tmp_path: Any) -> None:
+    store = demo.JsonFileStore(str(tmp_path / "store.json"))
+    store.save(SESSION_A, CONNECTION)
+    store.delete(SESSION_A)
+    assert [entry.name for entry in tmp_path.iterdir()] == ["store.json"]
+
+
+def test_a_failed_write_changes_neither_the_file_nor_what_is_served(
+        tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "store.json"
+    store = demo.JsonFileStore(str(path))
+    store.save(SESSION_A, CONNECTION)
+    before = path.read_bytes()
+
+    def disk_full(*args: Any) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", disk_full)
+    with pytest.raises(demo.StoreError, match="No space left"):
+        store.save(SESSION_B, CONNECTION)
+    with pytest.raises(demo.StoreError):
+        store.delete(SESSION_A)
+    assert path.read_bytes() == before
+    assert store.load(SESSION_A) == CONNECTION and store.load(SESSION_B) is None
+    assert [entry.name for entry in tmp_path.iterdir()] == ["store.json"]
+
+
+def stored(**entry: Any) -> bytes:
+    return json.dumps({"version": 1, "connections": {SESSION_A: {
+        **asdict(CONNECTION), **entry}}}).encode()
+
+
+@pytest.mark.parametrize("content", [
+    b"", b"not json", b"[]", b"\xff\xfe", b"[" * 50_000,
+    json.dumps({"version": 2, "connections": {}}).encode(),
+    json.dumps({"version": 1, "connections": []}).encode(),
+    json.dumps({"version": 1, "connections": {"short": asdict(CONNECTION)}}).encode(),
+    stored(access_token="a b\r\nc"), stored(server_prefix="evil.example/x#"),
+    stored(connected_at=12), stored(extra="field"),
+    json.dumps({"version": 1, "connections": {SESSION_A: {"access_token": TOKEN}}}).encode(),
+])
+def test_a_store_it_cannot_read_is_refused_and_left_untouched(tmp_path: Any,
+                                                              content: bytes) -> None:
+    path = tmp_path / "store.json"
+    path.write_bytes(content)
+    path.chmod(0o600)
+    with pytest.raises(demo.StoreError, match="left as it is|cannot read"):
+        demo.JsonFileStore(str(path))
+    assert path.read_bytes() == content
+
+
+@pytest.mark.skipif(os.name != "posix", reason="file modes are POSIX")
+def test_a_store_others_can_read_is_refused_and_left_untouched(tmp_path: Any) -> None:
+    path = tmp_path / "store.json"
+    path.write_bytes(stored())
+    path.chmod(0o644)
+    with pytest.raises(demo.StoreError, match="chmod 600"):
+        demo.JsonFileStore(str(path))
+    assert path.read_bytes() == stored() and path.stat().st_mode & 0o777 == 0o644
+
+
+def test_a_store_path_that_is_not_a_file_is_refused(tmp_path: Any) -> None:
+    with pytest.raises(demo.StoreError, match="cannot read"):
+        demo.JsonFileStore(str(tmp_path))
+
+
+def test_concurrent_saves_lose_no_write(tmp_path: Any) -> None:
+    path = str(tmp_path / "store.json")
+    store = demo.JsonFileStore(path)
+    sessions = [f"{n:043d}" for n in range(40)]
+    threads = [threading.Thread(target=store.save, args=(session, CONNECTION))
+               for session in sessions]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    reopened = demo.JsonFileStore(path)
+    assert all(reopened.load(session) == CONNECTION for session in sessions)
+
+
+# ---------------------------------------------------------------------------
 # The server, for real, on a free port
 # ---------------------------------------------------------------------------
 
@@ -564,6 +680,139 @@ def test_two_tabs_started_in_one_browser_both_connect(browser: Browser) -> None:
     first, second = browser.start_login(), browser.start_login()
     assert browser.callback(code=CODE, state=second).status == HTTPStatus.SEE_OTHER
     assert browser.callback(code=CODE, state=first).status == HTTPStatus.SEE_OTHER
+
+
+def test_login_rotates_the_session_cookie(browser: Browser, server: demo.Server) -> None:
+    browser.start_login()
+    before = dict(browser.cookies)
+    browser.connect()
+    assert browser.cookies[demo.SESSION_COOKIE] != before[demo.SESSION_COOKIE]
+    planted = Browser(server.server_port)  # whoever knew the old id
+    planted.cookies = before
+    assert "Connect with Mailchimp" in planted.get("/").text
+
+
+def test_the_session_cookie_is_secure_when_the_app_is_served_over_https(
+        mailchimp: FakeMailchimp) -> None:
+    config = demo.Config(CLIENT_ID, CLIENT_SECRET, base_url="https://demo.example")
+    server, _ = demo.make_server(config, port=0, opener=mailchimp)
+    with serving(server):
+        cookie = Browser(server.server_port).get("/auth/mailchimp").headers["Set-Cookie"]
+    assert cookie.endswith("; Secure")
+
+
+def test_the_session_cookie_is_not_secure_on_plain_http(browser: Browser) -> None:
+    assert "Secure" not in browser.get("/auth/mailchimp").headers["Set-Cookie"]
+
+
+def test_the_connected_page_offers_ping_again_and_disconnect(browser: Browser) -> None:
+    browser.connect()
+    page = browser.get("/")
+    assert 'href="/ping"' in page.text
+    assert '<form method="post" action="/disconnect">' in page.text
+
+
+def test_ping_again_uses_the_kept_token_and_shows_the_fresh_result(
+        browser: Browser, mailchimp: FakeMailchimp) -> None:
+    browser.connect()
+    mailchimp.sent.clear()
+    mailchimp.replies[PING_URL] = (200, {"health_status": "Still Chimpy"})
+    page = browser.get("/ping")
+    assert page.status == HTTPStatus.OK and "Still Chimpy" in page.text
+    assert [(sent.url, sent.headers["Authorization"]) for sent in mailchimp.sent] == [
+        (PING_URL, f"Bearer {TOKEN}")]
+    assert "Still Chimpy" in browser.get("/").text
+
+
+def test_ping_again_after_the_user_revoked_access_says_so_and_forgets_the_token(
+        browser: Browser, mailchimp: FakeMailchimp) -> None:
+    browser.connect()
+    mailchimp.replies[PING_URL] = (401, {"title": "API Key Invalid", "detail": "Revoked."})
+    page = browser.get("/ping")
+    assert page.status == HTTPStatus.BAD_GATEWAY
+    assert "removed the app" in page.text and "forgotten" in page.text
+    assert "Connect with Mailchimp" in browser.get("/").text
+
+
+def test_ping_again_that_fails_otherwise_keeps_the_connection(
+        browser: Browser, mailchimp: FakeMailchimp) -> None:
+    browser.connect()
+    mailchimp.replies[PING_URL] = (503, {"title": "Service Unavailable"})
+    assert browser.get("/ping").status == HTTPStatus.BAD_GATEWAY
+    assert "Connected to Mailchimp" in browser.get("/").text
+
+
+def test_ping_again_without_a_connection_goes_to_the_start_page(
+        browser: Browser, mailchimp: FakeMailchimp) -> None:
+    page = browser.get("/ping")
+    assert (page.status, page.headers["Location"]) == (HTTPStatus.SEE_OTHER, "/")
+    assert mailchimp.sent == []
+
+
+def disconnect(browser: Browser, origin: str | None = None) -> Page:
+    return browser.get("/disconnect", "POST", body=b"", headers={
+        "Origin": origin or browser.origin, "Content-Type": "application/x-www-form-urlencoded"})
+
+
+def test_disconnect_forgets_the_connection_and_explains_revoking(
+        browser: Browser, mailchimp: FakeMailchimp) -> None:
+    browser.connect()
+    sent = len(mailchimp.sent)
+    page = disconnect(browser)
+    assert page.status == HTTPStatus.OK
+    assert "remove the app in your Mailchimp account" in page.text
+    assert "Max-Age=0" in page.headers["Set-Cookie"]
+    assert "Connect with Mailchimp" in browser.get("/").text
+    assert len(mailchimp.sent) == sent  # nothing to tell Mailchimp: it has no revocation
+
+
+def test_disconnect_from_another_site_changes_nothing(browser: Browser) -> None:
+    browser.connect()
+    page = disconnect(browser, origin="http://127.0.0.1:9999")  # same site, other port
+    assert page.status == HTTPStatus.FORBIDDEN
+    assert "Connected to Mailchimp" in browser.get("/").text
+
+
+def test_disconnect_is_post_only(browser: Browser) -> None:
+    browser.connect()
+    assert browser.get("/disconnect").status == HTTPStatus.METHOD_NOT_ALLOWED
+    assert "Connected to Mailchimp" in browser.get("/").text
+
+
+def test_a_restart_with_the_same_store_keeps_the_user_connected(
+        mailchimp: FakeMailchimp, tmp_path: Any) -> None:
+    path = str(tmp_path / "store.json")
+    config = demo.Config(CLIENT_ID, CLIENT_SECRET)
+    first, _ = demo.make_server(config, port=0, opener=mailchimp, store=demo.JsonFileStore(path))
+    with serving(first):
+        browser = Browser(first.server_port)
+        browser.connect()
+    second, _ = demo.make_server(config, port=0, opener=mailchimp,
+                                 store=demo.JsonFileStore(path))
+    with serving(second):
+        browser.origin = second.origin
+        assert "Freddie&#x27;s Jokes" in browser.get("/").text
+        assert browser.get("/ping").status == HTTPStatus.OK
+
+
+def test_a_store_that_cannot_be_written_gives_a_clear_page_and_the_server_lives_on(
+        mailchimp: FakeMailchimp, tmp_path: Any, monkeypatch: pytest.MonkeyPatch,
+        log: pytest.LogCaptureFixture) -> None:
+    store = demo.JsonFileStore(str(tmp_path / "store.json"))
+    server, _ = demo.make_server(demo.Config(CLIENT_ID, CLIENT_SECRET), port=0,
+                                 opener=mailchimp, store=store)
+
+    def disk_full(*args: Any) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", disk_full)
+    with serving(server):
+        browser = Browser(server.server_port)
+        page = browser.connect()
+        assert page.status == HTTPStatus.INTERNAL_SERVER_ERROR
+        assert "keeping the connection" in page.text and "No space left" in page.text
+        assert browser.get("/").status == HTTPStatus.OK
+    assert any("-> 500 Step 7" in record.getMessage() for record in log.records)
 
 
 # --- step 3: the callback is checked before anything goes upstream ---------
@@ -879,6 +1128,17 @@ def test_a_bad_setting_is_one_line_and_exit_status_2(
     assert demo.main(["--port", "0", *args], environ=env) == 2
     err = capsys.readouterr().err
     assert says in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_a_store_it_cannot_read_stops_startup_with_one_line(
+        tmp_path: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "store.json"
+    path.write_bytes(b"{ half a file")
+    path.chmod(0o600)
+    assert demo.main(["--port", "0", "--store", str(path)], environ=ENV) == 2
+    err = capsys.readouterr().err
+    assert "left as it is" in err and err.count("\n") == 1
+    assert path.read_bytes() == b"{ half a file"
 
 
 def test_a_port_in_use_is_one_line_and_exit_status_2(
