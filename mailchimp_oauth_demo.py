@@ -3,25 +3,38 @@
 
 The Python counterpart of the Express sample in Mailchimp's guide "Access Data on
 Behalf of Other Users with OAuth 2". A small web app that connects a Mailchimp
-account, in the guide's order:
+account, in the guide's order, and says each step in the log as it happens:
 
   1. GET /                          a page with a "Connect with Mailchimp" link
   2. GET /auth/mailchimp            redirect to Mailchimp's authorize page, with a `state`
   3. GET /oauth/mailchimp/callback  Mailchimp sends the browser back with `code` and `state`
-  4. POST {login}/oauth2/token      trade the code for an access token
+  4. POST {login}/oauth2/token      trade the code for an access token (a form, not JSON)
   5. GET {login}/oauth2/metadata    learn the account's server prefix ("dc", e.g. us19)
   6. GET {api}/ping                 call the Marketing API with the token
   7. redirect to /                  which shows the result, the token masked
 
-Run it with the client id and secret from Mailchimp's Registered Apps page:
+Then GET /ping uses the kept token again, and POST /disconnect forgets it.
+
+Try it offline, with a stand-in for Mailchimp (the last section of this file):
+
+    python mailchimp_oauth_demo.py --sandbox      # then open http://127.0.0.1:3000
+
+Run it for real with the client id and secret from Mailchimp's Registered Apps page,
+where the redirect URI must be registered exactly as the app prints it at start-up
+(127.0.0.1, not localhost):
 
     export MAILCHIMP_CLIENT_ID=... MAILCHIMP_CLIENT_SECRET=...
-    python mailchimp_oauth_demo.py      # then open http://127.0.0.1:3000
+    python mailchimp_oauth_demo.py [--port 3000] [--store connections.json] [--quiet]
 
-It is teaching code, not a production server: http.server is not reviewed for
-security, connections live only in memory, and it speaks plain HTTP, which is
-fine on 127.0.0.1 and nowhere else. Put a real web framework, HTTPS and a
-database (the token encrypted at rest) in front of the same steps.
+When a step fails, the page and the log name the step and the likely fix: a
+rotated secret (step 4, invalid_client), a reused or late code or a changed
+redirect URI (step 4, invalid_grant), a user who removed the app (step 6, 401).
+
+Each safety measure says why it is there where it is made. It is teaching code,
+not a production server: http.server is not reviewed for security, the --store
+file holds tokens unencrypted, and it speaks plain HTTP, which is fine on
+127.0.0.1 and nowhere else. In production put a real web framework, HTTPS and a
+database (the token encrypted at rest) around the same steps.
 """
 
 from __future__ import annotations
@@ -155,6 +168,7 @@ AUTHORIZE_PATH = "/oauth2/authorize"
 TOKEN_PATH = "/oauth2/token"
 METADATA_PATH = "/oauth2/metadata"
 
+STEP_AUTHORIZE = "step 2 (authorize)"
 STEP_CALLBACK = "step 3 (callback)"
 STEP_TOKEN = "step 4 (token exchange)"
 STEP_METADATA = "step 5 (metadata)"
@@ -166,21 +180,47 @@ AUTH_CODE = re.compile(r"[\x20-\x7e]{1,512}")  # RFC 6749 App. A.11: code is pri
 ACCESS_TOKEN = re.compile(r"[A-Za-z0-9._~+/-]{1,512}=*")  # RFC 6750 §2.1: safe in a header
 SERVER_PREFIX = re.compile(r"[a-z]{1,10}[0-9]{1,10}")  # "us19": nothing that can reshape a URL
 
+# The likely cause of each failure, and its fix, in words a newcomer can act on.
+HINT_START_AGAIN = "Start again from the app's start page."
 HINT_ROTATED_SECRET = ("Mailchimp did not accept the client id and secret. If the secret was "
                        "rotated, put the new one in MAILCHIMP_CLIENT_SECRET and restart.")
+HINT_OLD_CODE = ("The code was used already or is over ten minutes old, or redirect_uri is not "
+                 "the one sent in step 2. Start again; if it keeps happening, register exactly "
+                 "the redirect URI the app prints at start-up.")
 HINT_REVOKED = ("Mailchimp no longer accepts this token: the user may have removed the app "
                 "from their account. This app has forgotten it; connect again.")
+HINT_UNEXPECTED = ("Mailchimp's answer is not what its guide describes. If MAILCHIMP_LOGIN_URL "
+                   "or MAILCHIMP_API_URL point at another server, look there.")
+HINT_UNREACHABLE = ("Check the internet connection, any proxy settings, and "
+                    "MAILCHIMP_LOGIN_URL and MAILCHIMP_API_URL.")
+HINT_SLOW = "Try again; on a slow network, give Mailchimp longer with --timeout."
+HINTS = {  # Mailchimp's refusals: (step, its error or status) -> hint
+    (STEP_TOKEN, "invalid_client"): HINT_ROTATED_SECRET,
+    (STEP_TOKEN, 401): HINT_ROTATED_SECRET,
+    (STEP_TOKEN, "invalid_grant"): HINT_OLD_CODE,
+    (STEP_TOKEN, "redirect_uri_mismatch"): HINT_OLD_CODE,
+    (STEP_TOKEN, "invalid_request"): ("Mailchimp wants the five fields as a form "
+                                      "(application/x-www-form-urlencoded), not JSON."),
+    (STEP_METADATA, 401): ("The metadata call must send 'Authorization: OAuth <token>' "
+                           "with the token Mailchimp just issued."),
+    (STEP_PING, 401): HINT_REVOKED + " (Or the call went to another account's server prefix.)",
+    (STEP_PING, 404): ("The API address is wrong: MAILCHIMP_API_URL must contain {dc}, "
+                       "which the server prefix from step 5 replaces."),
+}
 
 
 class FlowError(Exception):
-    """A step failed: the status to answer, the step, and a message safe to show and to log."""
+    """A step failed: the status to answer, the step, a message safe to show and to log, the
+    likely cause and fix, and Mailchimp's own status when it answered with an error."""
 
-    def __init__(self, status: HTTPStatus, step: str, message: str, hint: str = "") -> None:
+    def __init__(self, status: HTTPStatus, step: str, message: str, hint: str = "",
+                 mailchimp_status: int = 0) -> None:
         super().__init__(f"{step}: {message}")
         self.status = status
         self.step = step
         self.message = message
         self.hint = hint
+        self.mailchimp_status = mailchimp_status
 
 
 def authorize_url(config: Config, state: str) -> str:
@@ -210,7 +250,8 @@ def read_callback(query: str) -> Callback:
         fields = parse_fields(query)
     except ValueError as err:
         raise FlowError(HTTPStatus.BAD_REQUEST, STEP_CALLBACK,
-                        f"The callback's query string could not be read ({err}).") from err
+                        f"The callback's query string could not be read ({err}).",
+                        HINT_START_AGAIN) from err
     return Callback(**{name: fields[name] for name in
                        ("state", "code", "error", "error_description") if name in fields})
 
@@ -233,16 +274,19 @@ def denied(callback: Callback) -> FlowError:
                          f"Access was not granted, so nothing was shared ({said}).",
                          "You can connect whenever you like.")
     return FlowError(HTTPStatus.BAD_GATEWAY, STEP_CALLBACK,
-                     f"Mailchimp refused the authorization request ({said}).")
+                     f"Mailchimp refused the authorization request ({said}).",
+                     "Check that MAILCHIMP_CLIENT_ID is the client_id of a registered app.")
 
 
 def check_code(callback: Callback) -> str:
     """Step 3: the authorization code, if it looks like one."""
     if not callback.code:
-        raise FlowError(HTTPStatus.BAD_REQUEST, STEP_CALLBACK, "The callback carries no code.")
+        raise FlowError(HTTPStatus.BAD_REQUEST, STEP_CALLBACK, "The callback carries no code.",
+                        HINT_START_AGAIN)
     if not AUTH_CODE.fullmatch(callback.code):
         raise FlowError(HTTPStatus.BAD_REQUEST, STEP_CALLBACK,
-                        "The callback's code does not look like an authorization code.")
+                        "The callback's code does not look like an authorization code.",
+                        HINT_START_AGAIN)
     return callback.code
 
 
@@ -266,7 +310,8 @@ def read_token(reply: Reply) -> str:
     token = reply_field(reply_json(reply, STEP_TOKEN), STEP_TOKEN, "access_token")
     if not ACCESS_TOKEN.fullmatch(token):  # it goes into a header next: no spaces, no CR/LF
         raise FlowError(HTTPStatus.BAD_GATEWAY, STEP_TOKEN,
-                        "Mailchimp's access token has characters a token cannot have.")
+                        "Mailchimp's access token has characters a token cannot have.",
+                        HINT_UNEXPECTED)
     return token
 
 
@@ -290,7 +335,9 @@ def read_metadata(reply: Reply) -> Account:
     if not SERVER_PREFIX.fullmatch(prefix):  # "evil.example/x#" would send the token elsewhere
         raise FlowError(HTTPStatus.BAD_GATEWAY, STEP_METADATA,
                         f"Mailchimp's server prefix {printable(prefix)!r} does not look like "
-                        "one (letters then digits, like us19).")
+                        "one (letters then digits, like us19).",
+                        "The app refused to build an address from it, so the token went nowhere. "
+                        + HINT_UNEXPECTED)
     return Account(prefix, printable(reply_field(data, STEP_METADATA, "accountname")))
 
 
@@ -313,10 +360,12 @@ def authorized(url: str, authorization: str) -> urllib.request.Request:
 
 @dataclass(frozen=True)
 class Reply:
-    """What Mailchimp answered: the status and the first MAX_REPLY_BYTES of the body."""
+    """What Mailchimp answered: the status, the first MAX_REPLY_BYTES of the body, and how
+    many seconds it took."""
 
     status: int
     body: bytes
+    seconds: float = 0.0
 
 
 def reply_json(reply: Reply, step: str) -> dict[str, Any]:
@@ -326,9 +375,11 @@ def reply_json(reply: Reply, step: str) -> dict[str, Any]:
     try:
         data = json.loads(reply.body.decode("utf-8"))
     except (ValueError, RecursionError) as err:  # RecursionError: absurdly nested JSON
-        raise FlowError(HTTPStatus.BAD_GATEWAY, step, "Mailchimp's reply was not JSON.") from err
+        raise FlowError(HTTPStatus.BAD_GATEWAY, step, "Mailchimp's reply was not JSON.",
+                        HINT_UNEXPECTED) from err
     if not isinstance(data, dict):
-        raise FlowError(HTTPStatus.BAD_GATEWAY, step, "Mailchimp's reply was not a JSON object.")
+        raise FlowError(HTTPStatus.BAD_GATEWAY, step, "Mailchimp's reply was not a JSON object.",
+                        HINT_UNEXPECTED)
     return data
 
 
@@ -336,7 +387,8 @@ def reply_field(data: dict[str, Any], step: str, name: str) -> str:
     """One non-empty string field of a reply."""
     value = data.get(name)
     if not isinstance(value, str) or not value:
-        raise FlowError(HTTPStatus.BAD_GATEWAY, step, f"Mailchimp's reply has no {name} text.")
+        raise FlowError(HTTPStatus.BAD_GATEWAY, step, f"Mailchimp's reply has no {name} text.",
+                        HINT_UNEXPECTED)
     return value
 
 
@@ -344,12 +396,10 @@ def refusal(reply: Reply, step: str) -> FlowError:
     """A non-2xx reply as a 502, quoting Mailchimp's OAuth error or API problem."""
     error, said = mailchimp_said(reply.body)
     message = f"Mailchimp answered {reply.status}" + (f": {said}" if said else ".")
-    hint = ""
-    if step == STEP_TOKEN and (error == "invalid_client" or reply.status == 401):
-        hint = HINT_ROTATED_SECRET  # the guide's "Rotate client secret"
-    elif step == STEP_PING and reply.status == 401:
-        hint = HINT_REVOKED
-    return FlowError(HTTPStatus.BAD_GATEWAY, step, message, hint)
+    hint = HINTS.get((step, error)) or HINTS.get((step, reply.status)) or (
+        "Mailchimp is having trouble; try again in a minute." if reply.status >= 500
+        else HINT_UNEXPECTED)
+    return FlowError(HTTPStatus.BAD_GATEWAY, step, message, hint, reply.status)
 
 
 def mailchimp_said(body: bytes) -> tuple[str, str]:
@@ -385,7 +435,7 @@ class Opener(Protocol):
 def send(opener: Opener, request: urllib.request.Request, *, timeout: float,
          step: str) -> Reply:
     """Send one request to Mailchimp; no answer in time is a 504, no answer at all a 502."""
-    host = urllib.parse.urlsplit(request.full_url).netloc
+    host, started = urllib.parse.urlsplit(request.full_url).netloc, time.perf_counter()
     try:
         response = open_reply(opener, request, timeout)
         try:
@@ -394,19 +444,22 @@ def send(opener: Opener, request: urllib.request.Request, *, timeout: float,
             response.close()
     except (TimeoutError, socket.timeout) as err:  # noqa: UP041 -- two classes on Python 3.9
         raise FlowError(HTTPStatus.GATEWAY_TIMEOUT, step,
-                        f"{host} did not answer within {timeout:g} s.") from err
+                        f"{host} did not answer within {timeout:g} s.", HINT_SLOW) from err
     except urllib.error.URLError as err:
         if isinstance(err.reason, (TimeoutError, socket.timeout)):
             raise FlowError(HTTPStatus.GATEWAY_TIMEOUT, step,
-                            f"{host} did not answer within {timeout:g} s.") from err
+                            f"{host} did not answer within {timeout:g} s.", HINT_SLOW) from err
         raise FlowError(HTTPStatus.BAD_GATEWAY, step,
-                        f"Could not reach {host}: {printable(str(err.reason))}.") from err
+                        f"Could not reach {host}: {printable(str(err.reason))}.",
+                        HINT_UNREACHABLE) from err
     except (http.client.HTTPException, OSError) as err:
         raise FlowError(HTTPStatus.BAD_GATEWAY, step,
-                        f"{host} broke off its answer ({type(err).__name__}).") from err
+                        f"{host} broke off its answer ({type(err).__name__}).",
+                        HINT_UNREACHABLE) from err
     if len(body) > MAX_REPLY_BYTES:
-        raise FlowError(HTTPStatus.BAD_GATEWAY, step, f"{host} sent an oversized reply.")
-    return Reply(status, body)
+        raise FlowError(HTTPStatus.BAD_GATEWAY, step, f"{host} sent an oversized reply.",
+                        HINT_UNEXPECTED)
+    return Reply(status, body, time.perf_counter() - started)
 
 
 def open_reply(opener: Opener, request: urllib.request.Request, timeout: float) -> Any:
@@ -716,10 +769,21 @@ def redirect(location: str, *headers: tuple[str, str],
 
 
 def failure(err: FlowError, notice: str = "") -> Response:
-    """A failed step as the error page, with the same words for the log."""
+    """A failed step as the error page, with the same words, hint included, for the log."""
     message = f"{err.step[0].upper()}{err.step[1:]} failed: {err.message}"
     return Response(err.status, problem_page(err.status, message, err.hint, notice),
-                    note=message)
+                    note=f"{message} Hint: {err.hint}" if err.hint else message)
+
+
+def narrate(step: str, what: str) -> None:
+    """One line a step as a login happens, for people learning the flow: nothing secret."""
+    logger.info("%s: %s", step, what)
+
+
+def exchange(request: urllib.request.Request, reply: Reply) -> str:
+    """A call to Mailchimp in a few words: what went where, the status, and how long it took."""
+    return (f"{request.get_method()} {request.full_url} -> {reply.status} "
+            f"in {reply.seconds * 1000:.0f} ms")
 
 
 def dispatch(routes: Mapping[str, Mapping[str, Callable[[Visit], Response]]], method: str,
@@ -778,14 +842,28 @@ class OAuthDemo:
         """Step 2: send the browser to Mailchimp, remembering a fresh state for it."""
         session = visit.session or new_secret()
         state = self.logins.start(session)
+        narrate(STEP_AUTHORIZE, f"sending the browser to {self.config.login_url}{AUTHORIZE_PATH} "
+                f"with client_id {self.config.client_id}, redirect_uri "
+                f"{self.config.redirect_uri} and a new state ({mask(state)})")
         return redirect(authorize_url(self.config, state),
                         ("Set-Cookie", session_cookie(session, secure=self.secure)))
 
     def finish_login(self, visit: Visit) -> Response:
-        """Steps 3 to 7: check the callback, get the token, the account and a ping, then leave."""
+        """Steps 3 to 7, in the guide's order."""
+        code = self.check_callback(visit)
+        token = self.exchange_code(code)
+        account = self.find_account(token)
+        health = self.ping(account.server_prefix, token)
+        return self.keep(visit.session, Connection(
+            token, account.server_prefix, account.name, health,
+            time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())))
+
+    def check_callback(self, visit: Visit) -> str:
+        """Step 3: first the state (our login, from this browser?), then Mailchimp's answer."""
         callback = read_callback(visit.query)
         if not callback.state:
-            raise FlowError(HTTPStatus.BAD_REQUEST, STEP_CALLBACK, "The callback has no state.")
+            raise FlowError(HTTPStatus.BAD_REQUEST, STEP_CALLBACK, "The callback has no state.",
+                            HINT_START_AGAIN)
         if not (visit.session and self.logins.finish(visit.session, callback.state)):
             raise FlowError(HTTPStatus.BAD_REQUEST, STEP_CALLBACK,
                             "This callback does not match a login started in this browser "
@@ -795,18 +873,46 @@ class OAuthDemo:
         if callback.error:
             raise denied(callback)
         code = check_code(callback)
-        token = read_token(self.call(token_request(self.config, code), STEP_TOKEN))
-        account = read_metadata(self.call(metadata_request(self.config, token), STEP_METADATA))
-        health = read_ping(self.call(
-            ping_request(self.config, account.server_prefix, token), STEP_PING))
-        # Step 7: keep what the next requests need, under a new session id (one planted in
-        # this browser before the login is worth nothing now), and leave this URL:
-        # RFC 6749 §3.1.2.5, the code must not stay in the address bar or history.
+        narrate(STEP_CALLBACK, f"the browser is back with a code ({mask(code)}) and the state "
+                "this browser was given")
+        return code
+
+    def exchange_code(self, code: str) -> str:
+        """Step 4: the code, the client id and the secret, for an access token."""
+        request = token_request(self.config, code)
+        reply = self.call(request, STEP_TOKEN)
+        token = read_token(reply)
+        narrate(STEP_TOKEN, f"{exchange(request, reply)}: access token {mask(token)}, "
+                "which does not expire")
+        return token
+
+    def find_account(self, token: str) -> Account:
+        """Step 5: whose account the token opens, and its server prefix."""
+        request = metadata_request(self.config, token)
+        reply = self.call(request, STEP_METADATA)
+        account = read_metadata(reply)
+        narrate(STEP_METADATA, f"{exchange(request, reply)}: server prefix "
+                f"{account.server_prefix}, account {account.name!r}")
+        return account
+
+    def ping(self, server_prefix: str, token: str) -> str:
+        """Step 6: a first call to the Marketing API, at the account's own server prefix."""
+        request = ping_request(self.config, server_prefix, token)
+        reply = self.call(request, STEP_PING)
+        health = read_ping(reply)
+        narrate(STEP_PING, f"{exchange(request, reply)}: {health!r}")
+        return health
+
+    def keep(self, old_session: str, connection: Connection) -> Response:
+        """Step 7: keep what later requests need, under a new session id (one planted in this
+        browser before the login is worth nothing now), and leave the callback's URL:
+        RFC 6749 §3.1.2.5, the code must not stay in the address bar or history."""
         session = new_secret()
-        self.store.save(session, Connection(token, account.server_prefix, account.name, health,
-                                            time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())))
-        self.store.delete(visit.session)
-        self.logins.transfer(visit.session, session)  # other tabs may still be logging in
+        self.store.save(session, connection)
+        self.store.delete(old_session)
+        self.logins.transfer(old_session, session)  # other tabs may still be logging in
+        narrate(STEP_KEEP, f"connected to {connection.account_name!r}: kept its token and "
+                "server prefix, and sent the browser to / so the code leaves the address bar")
         return redirect("/", ("Set-Cookie", session_cookie(session, secure=self.secure)),
                         status=HTTPStatus.SEE_OTHER)
 
@@ -815,11 +921,13 @@ class OAuthDemo:
         connection = self.store.load(visit.session) if visit.session else None
         if connection is None:
             return redirect("/", status=HTTPStatus.SEE_OTHER)
-        reply = self.call(ping_request(self.config, connection.server_prefix,
-                                       connection.access_token), STEP_PING)
-        if reply.status == HTTPStatus.UNAUTHORIZED:  # the user removed the app in Mailchimp
-            self.store.delete(visit.session)
-        connection = replace(connection, health_status=read_ping(reply))
+        try:
+            health = self.ping(connection.server_prefix, connection.access_token)
+        except FlowError as err:
+            if err.mailchimp_status == HTTPStatus.UNAUTHORIZED:  # the user removed the app
+                self.store.delete(visit.session)
+            raise
+        connection = replace(connection, health_status=health)
         self.store.save(visit.session, connection)
         return Response(HTTPStatus.OK, connected_page(connection, self.config.notice))
 
@@ -830,6 +938,8 @@ class OAuthDemo:
                             "This request came from another site; nothing was changed.")
         if visit.session:
             self.store.delete(visit.session)
+        narrate("disconnect", "forgot this browser's connection; Mailchimp has no endpoint to "
+                "revoke the token, so the user removes the app in their account")
         return Response(HTTPStatus.OK, page("Disconnected", DISCONNECTED, self.config.notice),
                         (("Set-Cookie", session_cookie("", secure=self.secure, forget=True)),))
 
@@ -927,9 +1037,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
         """One line a request: who, what, the status, and why; never the query string."""
         target = f"{self.command} {printable(self.path.partition('?')[0], 100)}" \
             if self.command else "(unreadable request)"
-        level = logging.WARNING if response.status >= 400 else logging.INFO
-        logger.log(level, "%s%s %s -> %d %s", self.server.label, self.client_address[0],
-                   target, response.status, response.note)
+        level = logging.WARNING if response.status >= 400 else \
+            logging.DEBUG if self.server.quiet else logging.INFO
+        logger.log(level, "%s%s %s -> %d%s", self.server.label, self.client_address[0],
+                   target, response.status, f" {response.note}" if response.note else "")
 
     def log_message(self, format: str, *args: Any) -> None:
         """http.server's own messages; only "Request timed out" on an idle connection is left."""
@@ -953,10 +1064,11 @@ class Server(http.server.ThreadingHTTPServer):
     app: App
 
     def __init__(self, address: tuple[str, int], *, idle_timeout: float = 10.0,
-                 label: str = "") -> None:
+                 label: str = "", quiet: bool = False) -> None:
         self.host = address[0]
         self.idle_timeout = idle_timeout
         self.label = label  # a prefix for its log lines
+        self.quiet = quiet  # successful requests logged at DEBUG only
         if ":" in self.host:
             self.address_family = socket.AF_INET6
         super().__init__(address, Handler)
@@ -986,7 +1098,7 @@ def make_server(config: Config, *, host: str = "127.0.0.1", port: int = 3000,
 # ---------------------------------------------------------------------------
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    """--host, --port, --base-url, --timeout, --store and --sandbox."""
+    """--host, --port, --base-url, --timeout, --store, --quiet and --sandbox."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
     parser.add_argument("--port", type=int, default=3000, help="port to listen on; 0 picks one")
@@ -996,6 +1108,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="seconds to wait for Mailchimp (default 10)")
     parser.add_argument("--store", metavar="PATH",
                         help="keep connections in this JSON file, across restarts")
+    parser.add_argument("--quiet", action="store_true",
+                        help="log warnings only, not each step of a login")
     parser.add_argument("--sandbox", action="store_true",
                         help="run against a stand-in for Mailchimp on this machine; no account")
     return parser.parse_args(argv)
@@ -1012,7 +1126,6 @@ def positive_seconds(text: str) -> float:
 def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] = os.environ) -> int:
     """Run the demo until Ctrl+C; exit status 2 for a setting that is missing or unsafe."""
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
         if args.host in ("0.0.0.0", "::") and not args.base_url:
             raise ConfigError(f"--host {args.host} needs --base-url: the address browsers use")
@@ -1035,6 +1148,8 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] = os.envi
           f"  Mailchimp login server:    {app.config.login_url}", flush=True)
     if app.config.notice:
         print(app.config.notice, flush=True)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    logger.setLevel(logging.WARNING if args.quiet else logging.INFO)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
@@ -1131,7 +1246,7 @@ class Sandbox:
             answer = {"code": self.issue_code(fields["redirect_uri"])}
         else:
             answer = {"error": "access_denied",
-                      "error_description": "The user denied access (in the sandbox)."}
+                      "error_description": "The user clicked Deny."}
         if fields.get("state"):
             answer["state"] = fields["state"]
         return redirect(f"{self.redirect_uri}?{urllib.parse.urlencode(answer)}")
@@ -1227,7 +1342,7 @@ def oauth_error(status: HTTPStatus, error: str, description: str) -> Response:
 
 def start_sandbox() -> Sandbox:
     """Run the stand-in on a free port of 127.0.0.1, in a thread of this process."""
-    server = Server(("127.0.0.1", 0), label="sandbox: ")
+    server = Server(("127.0.0.1", 0), label="sandbox: ", quiet=True)  # steps 4-6 say it all
     server.app = sandbox = Sandbox(server.origin)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return sandbox

@@ -238,7 +238,7 @@ def test_a_refused_ping_quotes_the_api_problem_and_suggests_revoked_access() -> 
     err = flow_error(demo.read_ping, reply(401, {"title": "API Key Invalid",
                                                  "detail": "Wrong datacenter."}))
     assert "401: API Key Invalid: Wrong datacenter." in err.message
-    assert err.hint == demo.HINT_REVOKED
+    assert err.hint.startswith(demo.HINT_REVOKED) and err.mailchimp_status == 401
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -325,7 +325,7 @@ def test_send_reads_an_error_status_as_a_reply() -> None:
     mailchimp.replies[TOKEN_URL] = (400, {"error": "invalid_grant"})
     sent = demo.send(mailchimp, demo.token_request(CONFIG, CODE), timeout=3,
                      step=demo.STEP_TOKEN)
-    assert sent == reply(400, {"error": "invalid_grant"})
+    assert (sent.status, sent.body) == (400, b'{"error": "invalid_grant"}')
 
 
 def test_send_refuses_an_oversized_reply() -> None:
@@ -993,6 +993,79 @@ def test_each_failure_logs_one_warning_naming_the_step(
     assert "-> 502 Step 4 (token exchange) failed: Mailchimp answered 401" in warnings[0]
 
 
+# --- narration: each step, as it happens -----------------------------------
+
+def step_lines(log: pytest.LogCaptureFixture) -> list[str]:
+    return [record.getMessage() for record in log.records
+            if record.getMessage().startswith("step ") and record.levelno == logging.INFO]
+
+
+def test_a_login_narrates_each_step_once_in_order(
+        browser: Browser, log: pytest.LogCaptureFixture) -> None:
+    browser.connect()
+    assert [line[:6] for line in step_lines(log)] == [
+        "step 2", "step 3", "step 4", "step 5", "step 6", "step 7"]
+
+
+def test_the_narration_says_what_went_where_with_status_and_time(
+        browser: Browser, log: pytest.LogCaptureFixture) -> None:
+    browser.connect()
+    lines = dict(line.split(": ", 1) for line in step_lines(log))
+    assert "https://login.mailchimp.com/oauth2/authorize" in lines[demo.STEP_AUTHORIZE]
+    assert lines[demo.STEP_TOKEN].startswith(f"POST {TOKEN_URL} -> 200 in ")
+    assert lines[demo.STEP_METADATA].startswith(f"GET {METADATA_URL} -> 200 in ")
+    assert "server prefix us19" in lines[demo.STEP_METADATA]
+    assert lines[demo.STEP_PING].startswith(f"GET {PING_URL} -> 200 in ")
+    assert "Everything's Chimpy!" in lines[demo.STEP_PING]
+
+
+def test_the_narration_shows_secrets_masked_or_not_at_all(
+        browser: Browser, log: pytest.LogCaptureFixture) -> None:
+    state = browser.start_login()
+    browser.callback(code=CODE, state=state)
+    text = "\n".join(step_lines(log))
+    for secret in (CLIENT_SECRET, TOKEN, CODE, state):
+        assert secret not in text
+    assert demo.mask(TOKEN) in text and demo.mask(CODE) in text and demo.mask(state) in text
+
+
+@pytest.mark.parametrize("url, scripted, step, hint", [
+    (TOKEN_URL, (401, {"error": "invalid_client"}), "Step 4", "rotated"),
+    (TOKEN_URL, (400, {"error": "invalid_grant"}), "Step 4", "redirect URI"),
+    (TOKEN_URL, (400, {"error": "invalid_request"}), "Step 4", "not JSON"),
+    (TOKEN_URL, urllib.error.URLError(OSError(-2, "Name or service not known")), "Step 4",
+     "internet connection"),
+    (TOKEN_URL, TimeoutError("timed out"), "Step 4", "--timeout"),
+    (METADATA_URL, (200, {**METADATA, "dc": "evil.example/x#"}), "Step 5", "went nowhere"),
+    (METADATA_URL, (401, {"error": "invalid_token"}), "Step 5", "OAuth <token>"),
+    (PING_URL, (401, {"title": "API Key Invalid"}), "Step 6", "removed the app"),
+    (PING_URL, (503, {"title": "Service Unavailable"}), "Step 6", "try again"),
+    (PING_URL, (200, b"pong"), "Step 6", "not what its guide describes"),
+])
+def test_each_failure_line_names_its_step_and_the_likely_cause(
+        browser: Browser, mailchimp: FakeMailchimp, log: pytest.LogCaptureFixture,
+        url: str, scripted: Any, step: str, hint: str) -> None:
+    mailchimp.replies[url] = scripted
+    browser.connect()
+    [warning] = [record.getMessage() for record in log.records
+                 if record.levelno == logging.WARNING]
+    assert f"{step} (" in warning and "failed" in warning
+    assert "Hint: " in warning and hint in warning.split("Hint: ")[1]
+
+
+@pytest.mark.parametrize("query, says", [
+    ("code=x", "has no state"), ("code=x&state=" + "y" * 43, "Start again"),
+    ("state=" + "y" * 43 + "&state=z", "Start again"),
+])
+def test_a_refused_callback_line_names_step_3_and_what_to_do(
+        browser: Browser, log: pytest.LogCaptureFixture, query: str, says: str) -> None:
+    browser.start_login()
+    browser.get(f"{demo.CALLBACK_PATH}?{query}")
+    [warning] = [record.getMessage() for record in log.records
+                 if record.levelno == logging.WARNING]
+    assert "Step 3 (callback) failed" in warning and says in warning
+
+
 # --- HTTP itself ------------------------------------------------------------
 
 @pytest.mark.parametrize("target", ["/", "/auth/mailchimp", f"{demo.CALLBACK_PATH}?state=x",
@@ -1337,6 +1410,28 @@ def test_stand_in_ping_wants_an_issued_token(stand_in: demo.Sandbox, authorizati
     assert page.status == status
     if status == 401:
         assert page.headers["Content-Type"].startswith("application/problem+json")
+
+
+def run_sandbox_login(*args: str) -> str:
+    """python mailchimp_oauth_demo.py --sandbox ARGS, one login through it; its stderr."""
+    process = run_module("--sandbox", "--port", "0", *args, env={})
+    watchdog = threading.Timer(20, process.kill)
+    watchdog.start()
+    try:
+        assert process.stdout is not None
+        lines = [process.stdout.readline() for _ in range(5)]
+        browser = Browser(int(lines[1].split()[-1].rstrip("/").rsplit(":", 1)[1]))
+        assert click(browser, "allow").status == HTTPStatus.SEE_OTHER
+    finally:
+        watchdog.cancel()
+        process.terminate()
+        _, err = process.communicate(timeout=10)
+    return err
+
+
+def test_the_narration_reaches_the_terminal_and_quiet_turns_it_down() -> None:
+    assert [line for line in run_sandbox_login().splitlines() if " INFO step " in line]
+    assert " INFO " not in run_sandbox_login("--quiet")
 
 
 def test_sandbox_command_runs_the_whole_flow_offline_with_no_settings() -> None:
