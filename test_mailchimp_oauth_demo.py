@@ -1153,6 +1153,34 @@ def test_a_request_body_is_never_read_as_the_next_request(server: demo.Server,
     assert answer.count(b"HTTP/1.1 ") == 1 and b"302" not in answer
 
 
+def test_one_kept_alive_connection_carries_every_kind_of_response(server: demo.Server) -> None:
+    connection = http.client.HTTPConnection("127.0.0.1", server.server_port, timeout=10)
+    statuses, bodies, sockets = [], [], set()
+    for method, target, body in [
+            ("GET", "/", None), ("HEAD", "/", None), ("GET", "/auth/mailchimp", None),
+            ("GET", "/nowhere", None), ("POST", "/", b"a=1"),
+            ("GET", f"{demo.CALLBACK_PATH}?state=x", None), ("GET", "/", None)]:
+        connection.request(method, target, body=body)
+        response = connection.getresponse()
+        statuses.append(response.status)
+        bodies.append(response.read())  # a wrong Content-Length would garble the next one
+        sockets.add(connection.sock)
+        assert not response.will_close, f"{method} {target} closed the connection"
+    connection.close()
+    assert statuses == [200, 200, 302, 404, 405, 400, 200]
+    assert len(sockets) == 1  # every request rode the same TCP connection
+    assert bodies[1] == b"" and bodies[0] == bodies[6]
+
+
+def test_an_idle_kept_alive_connection_is_closed(server: demo.Server) -> None:
+    with socket.create_connection(("127.0.0.1", server.server_port), timeout=10) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        received = b""
+        while chunk := sock.recv(65536):  # the page, then b"" once the idle timeout closes it
+            received += chunk
+    assert received.startswith(b"HTTP/1.1 200 ") and received.endswith(b"</html>\n")
+
+
 def test_a_client_that_sends_nothing_is_let_go(server: demo.Server) -> None:
     with socket.create_connection(("127.0.0.1", server.server_port), timeout=10) as sock:
         assert sock.recv(1) == b""  # closed by the server's idle timeout, not by ours
@@ -1429,9 +1457,12 @@ def run_sandbox_login(*args: str) -> str:
     return err
 
 
-def test_the_narration_reaches_the_terminal_and_quiet_turns_it_down() -> None:
-    assert [line for line in run_sandbox_login().splitlines() if " INFO step " in line]
-    assert " INFO " not in run_sandbox_login("--quiet")
+def test_the_terminal_shows_the_steps_quiet_hides_them_verbose_adds_each_request() -> None:
+    default, quiet, verbose = (run_sandbox_login(*args) for args in ((), ("--quiet",),
+                                                                      ("--verbose",)))
+    assert " INFO step 4 " in default and " DEBUG " not in default
+    assert " INFO " not in quiet and " DEBUG " not in quiet
+    assert " INFO step 4 " in verbose and " DEBUG sandbox: 127.0.0.1 POST /oauth2/token" in verbose
 
 
 def test_sandbox_command_runs_the_whole_flow_offline_with_no_settings() -> None:
