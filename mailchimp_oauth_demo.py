@@ -123,7 +123,8 @@ def required(environ: Mapping[str, str], name: str) -> str:
     """One environment variable that must be set."""
     value = environ.get(name, "").strip()
     if not value:
-        raise ConfigError(f"{name} is not set: copy it from Mailchimp's Registered Apps page")
+        raise ConfigError(f"{name} is not set: copy it from Mailchimp's Registered Apps "
+                          "page, or try --sandbox first")
     return value
 
 
@@ -273,8 +274,10 @@ def denied(callback: Callback) -> FlowError:
         return FlowError(HTTPStatus.FORBIDDEN, STEP_CALLBACK,
                          f"Access was not granted, so nothing was shared ({said}).",
                          "You can connect whenever you like.")
+    busy = callback.error in ("server_error", "temporarily_unavailable")  # RFC 6749 §4.1.2.1
     return FlowError(HTTPStatus.BAD_GATEWAY, STEP_CALLBACK,
                      f"Mailchimp refused the authorization request ({said}).",
+                     "Mailchimp is having trouble; try again in a minute." if busy else
                      "Check that MAILCHIMP_CLIENT_ID is the client_id of a registered app.")
 
 
@@ -567,6 +570,8 @@ class MemoryStore:
     def change(self, session: str, connection: Connection | None) -> None:
         """One change at a time, made durable before it is made visible."""
         with self._lock:
+            if connection is None and session not in self._connections:
+                return  # nothing to forget, nothing to write
             connections = {key: value for key, value in self._connections.items()
                            if key != session}
             if connection is not None:
@@ -1105,7 +1110,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     """--host, --port, --base-url, --timeout, --store, --quiet, --verbose and --sandbox."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    parser.add_argument("--port", type=int, default=3000, help="port to listen on; 0 picks one")
+    parser.add_argument("--port", type=port_number, default=3000,
+                        help="port to listen on; 0 picks one")
     parser.add_argument("--base-url", default="",
                         help="where browsers reach this app (default http://HOST:PORT)")
     parser.add_argument("--timeout", type=positive_seconds, default=10.0,
@@ -1121,11 +1127,22 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def port_number(text: str) -> int:
+    """argparse type for a TCP port (0 lets the system pick one)."""
+    if not text.isascii() or not text.isdigit() or int(text) > 65535:
+        raise argparse.ArgumentTypeError(f"must be a port from 0 to 65535, not {text}")
+    return int(text)
+
+
 def positive_seconds(text: str) -> float:
-    """argparse type for a timeout."""
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be more than 0 seconds, not {text}")
+    """argparse type for a timeout: more than nothing, less than forever."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0 < value <= 300:
+        raise argparse.ArgumentTypeError(f"must be more than 0 and at most 300 seconds, "
+                                         f"not {text}")
     return value
 
 

@@ -499,6 +499,15 @@ def test_a_store_path_that_is_not_a_file_is_refused(tmp_path: Any) -> None:
         demo.JsonFileStore(str(tmp_path))
 
 
+def test_forgetting_what_a_file_store_never_held_writes_nothing(tmp_path: Any) -> None:
+    path = tmp_path / "store.json"
+    store = demo.JsonFileStore(str(path))
+    store.save(SESSION_A, CONNECTION)
+    written = path.stat().st_ino  # every write is a new file renamed into place
+    store.delete(SESSION_B)
+    assert path.stat().st_ino == written
+
+
 def test_concurrent_saves_lose_no_write(tmp_path: Any) -> None:
     path = str(tmp_path / "store.json")
     store = demo.JsonFileStore(path)
@@ -876,10 +885,14 @@ def test_deny_shows_a_friendly_page_with_mailchimps_words_escaped(
     assert mailchimp.sent == []
 
 
+@pytest.mark.parametrize("error, hint", [
+    ("server_error", "try again"), ("temporarily_unavailable", "try again"),
+    ("unauthorized_client", "MAILCHIMP_CLIENT_ID"),
+])
 def test_an_authorization_error_other_than_deny_is_mailchimps_fault(
-        browser: Browser, mailchimp: FakeMailchimp) -> None:
-    page = browser.callback(state=browser.start_login(), error="server_error")
-    assert page.status == HTTPStatus.BAD_GATEWAY and "server_error" in page.text
+        browser: Browser, mailchimp: FakeMailchimp, error: str, hint: str) -> None:
+    page = browser.callback(state=browser.start_login(), error=error)
+    assert page.status == HTTPStatus.BAD_GATEWAY and error in page.text and hint in page.text
     assert mailchimp.sent == []
 
 
@@ -1240,6 +1253,18 @@ def test_a_store_it_cannot_read_stops_startup_with_one_line(
     err = capsys.readouterr().err
     assert "left as it is" in err and err.count("\n") == 1
     assert path.read_bytes() == b"{ half a file"
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--port", "70000"], "0 to 65535"), (["--port", "-1"], "0 to 65535"),
+    (["--port", "\u0663"], "0 to 65535"), (["--timeout", "0"], "more than 0"),
+    (["--timeout", "inf"], "at most 300"), (["--timeout", "nan"], "more than 0"),
+])
+def test_a_bad_option_is_refused_before_anything_starts(
+        args: list[str], says: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit:
+        demo.main(args, environ=ENV)
+    assert exit.value.code == 2 and says in capsys.readouterr().err
 
 
 def test_a_port_in_use_is_one_line_and_exit_status_2(
