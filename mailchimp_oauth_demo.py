@@ -999,7 +999,15 @@ class Handler(http.server.BaseHTTPRequestHandler):
                       session=session_from("; ".join(self.headers.get_all("Cookie") or [])),
                       form=self.read_form(), authorization=self.headers.get("Authorization", ""),
                       origin=self.headers.get("Origin", ""))
-        self.send(self.server.app.respond(self.command, visit))
+        try:
+            response = self.server.app.respond(self.command, visit)
+        except Exception:  # a bug: the operator gets the traceback, the browser a plain page
+            logger.exception("%sbug while answering %s %s", self.server.label, self.command,
+                             printable(path, 100))
+            response = Response(HTTPStatus.INTERNAL_SERVER_ERROR, problem_page(
+                HTTPStatus.INTERNAL_SERVER_ERROR, "Something went wrong inside this app; the "
+                "details are in its log."), note="see the traceback above")
+        self.send(response)
 
     def read_form(self) -> dict[str, str] | None:
         """The body's fields, if it is a small urlencoded form; any body is consumed or refused."""

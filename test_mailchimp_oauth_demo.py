@@ -1079,6 +1079,25 @@ def test_a_refused_callback_line_names_step_3_and_what_to_do(
     assert "Step 3 (callback) failed" in warning and says in warning
 
 
+class BrokenStore(demo.MemoryStore):
+    def load(self, session: str) -> demo.Connection | None:
+        raise RuntimeError("a bug")
+
+
+def test_a_bug_gives_a_plain_500_page_a_logged_traceback_and_the_server_lives_on(
+        mailchimp: FakeMailchimp, log: pytest.LogCaptureFixture) -> None:
+    server, _ = demo.make_server(CONFIG, port=0, opener=mailchimp, store=BrokenStore())
+    with serving(server):
+        browser = Browser(server.server_port)
+        browser.start_login()  # so the browser has a session for the broken store to load
+        page = browser.get("/")
+        assert page.status == HTTPStatus.INTERNAL_SERVER_ERROR
+        assert "Traceback" not in page.text and "a bug" not in page.text
+        assert browser.get("/auth/mailchimp").status == HTTPStatus.FOUND
+    [error] = [record for record in log.records if record.levelno == logging.ERROR]
+    assert "bug while answering GET /" in error.getMessage() and error.exc_info
+
+
 # --- HTTP itself ------------------------------------------------------------
 
 @pytest.mark.parametrize("target", ["/", "/auth/mailchimp", f"{demo.CALLBACK_PATH}?state=x",
