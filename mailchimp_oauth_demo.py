@@ -618,16 +618,16 @@ def read_store(path: str) -> dict[str, Connection]:
     """A store file's connections. Anything unexpected stops start-up and leaves the file
     exactly as it was: nothing a user saved is overwritten by a failed read."""
     try:
-        with open(path, encoding="utf-8") as file:
+        with open(path, "rb") as file:
             info = os.fstat(file.fileno())
-            text = file.read()
-    except (OSError, UnicodeDecodeError) as err:
-        raise StoreError(f"cannot read {path}: {getattr(err, 'strerror', None) or err}") from err
+            raw = file.read()
+    except OSError as err:
+        raise StoreError(f"cannot read {path}: {err.strerror}") from err
     if os.name == "posix" and info.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
         raise StoreError(f"{path} holds access tokens but other users can read it: "
                          f"run chmod 600 {path}")
     try:
-        document = json.loads(text)
+        document = json.loads(raw.decode("utf-8"))  # not UTF-8 is a ValueError too
         if not isinstance(document, dict) or document.get("version") != 1 \
                 or not isinstance(document.get("connections"), dict):
             raise ValueError("it is not version 1 of this app's store")
