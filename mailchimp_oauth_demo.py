@@ -51,6 +51,7 @@ import os
 import re
 import secrets
 import socket
+import socketserver
 import stat
 import sys
 import tempfile
@@ -1089,6 +1090,12 @@ class Server(http.server.ThreadingHTTPServer):
         if ":" in self.host:
             self.address_family = socket.AF_INET6
         super().__init__(address, Handler)
+
+    def server_bind(self) -> None:
+        """Bind, skipping http.server's reverse DNS lookup of our own address: nothing here
+        uses the name, and a resolver that never answers would hold up start-up for seconds."""
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = self.host, self.server_address[1]
 
     @property
     def origin(self) -> str:

@@ -1292,6 +1292,15 @@ def test_a_port_in_use_is_one_line_and_exit_status_2(
     assert "cannot listen" in capsys.readouterr().err
 
 
+def test_starting_up_asks_no_resolver_for_a_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_dns(name: str = "") -> str:
+        raise AssertionError(f"reverse DNS lookup of {name!r}")
+    monkeypatch.setattr(socket, "getfqdn", no_dns)  # http.server's server_bind calls it
+    server, _ = demo.make_server(CONFIG, port=0)
+    with serving(server):
+        assert Browser(server.server_port).get("/").status == HTTPStatus.OK
+
+
 # ---------------------------------------------------------------------------
 # Sandbox: the whole flow over real sockets, against the stand-in
 # ---------------------------------------------------------------------------
