@@ -446,24 +446,25 @@ def send(opener: Opener, request: urllib.request.Request, *, timeout: float,
             status, body = int(response.status), response.read(MAX_REPLY_BYTES + 1)
         finally:
             response.close()
-    except (TimeoutError, socket.timeout) as err:  # noqa: UP041 -- two classes on Python 3.9
-        raise FlowError(HTTPStatus.GATEWAY_TIMEOUT, step,
-                        f"{host} did not answer within {timeout:g} s.", HINT_SLOW) from err
-    except urllib.error.URLError as err:
-        if isinstance(err.reason, (TimeoutError, socket.timeout)):
-            raise FlowError(HTTPStatus.GATEWAY_TIMEOUT, step,
-                            f"{host} did not answer within {timeout:g} s.", HINT_SLOW) from err
-        raise FlowError(HTTPStatus.BAD_GATEWAY, step,
-                        f"Could not reach {host}: {printable(str(err.reason))}.",
-                        HINT_UNREACHABLE) from err
-    except (http.client.HTTPException, OSError) as err:
-        raise FlowError(HTTPStatus.BAD_GATEWAY, step,
-                        f"{host} broke off its answer ({type(err).__name__}).",
-                        HINT_UNREACHABLE) from err
+    except (http.client.HTTPException, OSError) as err:  # URLError and timeouts are OSErrors
+        raise no_answer(err, host, timeout, step) from err
     if len(body) > MAX_REPLY_BYTES:
         raise FlowError(HTTPStatus.BAD_GATEWAY, step, f"{host} sent an oversized reply.",
                         HINT_UNEXPECTED)
     return Reply(status, body, time.perf_counter() - started)
+
+
+def no_answer(err: Exception, host: str, timeout: float, step: str) -> FlowError:
+    """Why no answer came: too slow is a 504; unreachable or cut off is a 502."""
+    reason = err.reason if isinstance(err, urllib.error.URLError) else err  # urllib wraps it
+    if isinstance(reason, (TimeoutError, socket.timeout)):  # two classes on Python 3.9
+        return FlowError(HTTPStatus.GATEWAY_TIMEOUT, step,
+                         f"{host} did not answer within {timeout:g} s.", HINT_SLOW)
+    if isinstance(err, urllib.error.URLError):
+        return FlowError(HTTPStatus.BAD_GATEWAY, step,
+                         f"Could not reach {host}: {printable(str(reason))}.", HINT_UNREACHABLE)
+    return FlowError(HTTPStatus.BAD_GATEWAY, step,
+                     f"{host} broke off its answer ({type(err).__name__}).", HINT_UNREACHABLE)
 
 
 def open_reply(opener: Opener, request: urllib.request.Request, timeout: float) -> Any:
