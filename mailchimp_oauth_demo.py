@@ -24,7 +24,7 @@ where the redirect URI must be registered exactly as the app prints it at start-
 (127.0.0.1, not localhost):
 
     export MAILCHIMP_CLIENT_ID=... MAILCHIMP_CLIENT_SECRET=...
-    python mailchimp_oauth_demo.py [--port 3000] [--store connections.json] [--quiet]
+    python mailchimp_oauth_demo.py [--port 3000] [--store connections.db] [--quiet]
 
 When a step fails, the page and the log name the step and the likely fix: a
 rotated secret (step 4, invalid_client), a reused or late code or a changed
@@ -52,9 +52,9 @@ import re
 import secrets
 import socket
 import socketserver
+import sqlite3
 import stat
 import sys
-import tempfile
 import threading
 import time
 import urllib.error
@@ -62,7 +62,7 @@ import urllib.parse
 import urllib.request
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import astuple, dataclass, field, replace
 from http import HTTPStatus
 from typing import Any, Protocol
 
@@ -531,125 +531,153 @@ class PendingLogins:
 
 @dataclass(frozen=True)
 class Connection:
-    """What step 7 keeps: in a real app, a row in your database for this user."""
+    """What step 7 keeps for a browser: in a real app, a row for this user in your database."""
 
     access_token: str = field(repr=False)
     server_prefix: str
     account_name: str
-    health_status: str
-    connected_at: str  # ISO 8601, UTC
-
-
-class Store(Protocol):
-    """Where connections are kept, by session id: your database, in a real app."""
-
-    def save(self, session: str, connection: Connection) -> None: ...
-    def load(self, session: str) -> Connection | None: ...
-    def delete(self, session: str) -> None: ...
+    connected_at: str  # UTC, as utc_now() writes it, like pinged_at
+    pinged_at: str
+    health_status: str  # what the ping at pinged_at answered
 
 
 class StoreError(Exception):
-    """The store can't be read or written; what it holds is left as it was."""
+    """The store can't be opened, read or written; what it holds is left as it was."""
+
+    def __init__(self, message: str,
+                 status: HTTPStatus = HTTPStatus.INTERNAL_SERVER_ERROR) -> None:
+        super().__init__(message)
+        self.status = status
 
 
-class MemoryStore:
-    """Connections in memory: gone when the server stops."""
+SESSION_LIFETIME = 30 * 24 * 3600  # seconds: a browser unseen this long is forgotten, token too
+STORE_ID, STORE_VERSION = 0x4D434F41, 1  # PRAGMA application_id ("MCOA") and user_version
+SCHEMA = (
+    """CREATE TABLE connections (
+        session       TEXT PRIMARY KEY,  -- the browser's session cookie
+        access_token  TEXT NOT NULL,     -- a real app encrypts it and keys rows by its user id
+        server_prefix TEXT NOT NULL,
+        account_name  TEXT NOT NULL,
+        connected_at  TEXT NOT NULL,
+        pinged_at     TEXT NOT NULL,
+        health_status TEXT NOT NULL,
+        last_used     REAL NOT NULL      -- Unix time of the login or the last ping
+    )""",
+    "CREATE INDEX connections_by_last_used ON connections (last_used)",
+    f"PRAGMA application_id = {STORE_ID}",
+    f"PRAGMA user_version = {STORE_VERSION}",
+)
+COLUMNS = "access_token, server_prefix, account_name, connected_at, pinged_at, health_status"
 
-    def __init__(self, connections: dict[str, Connection] | None = None) -> None:
-        self._lock = threading.Lock()
-        self._connections = dict(connections or {})
+
+class Store:
+    """Connections, one row each, in SQLite: in memory, or in a file that survives restarts
+    and that several processes can share. Every change is one statement."""
+
+    def __init__(self, path: str = ":memory:", *, busy_timeout: float = 5.0,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.path = path if path == ":memory:" else os.path.abspath(path)
+        self.where = "memory" if path == ":memory:" else self.path  # for the log and banner
+        self.clock = clock
+        self._lock = threading.Lock()  # one database connection, shared by request threads
+        if self.path != ":memory:":
+            claim_file(self.path)
+        try:  # busy_timeout: how long to wait while another process writes
+            self._db = sqlite3.connect(self.path, timeout=busy_timeout, isolation_level=None,
+                                       check_same_thread=False)
+            self._open()
+        except sqlite3.Error as err:
+            raise StoreError(f"{self.path} is not a store this app can use ({err}); it was "
+                             "left as it is: move it aside or choose another --store") from err
+
+    def _open(self) -> None:
+        """Refuse a file that is not this app's store before writing anything; then take the
+        write lock (an unwritable store fails now, not at a login), set up and tidy."""
+        self._db.execute("PRAGMA quick_check").fetchall()  # a damaged or truncated file fails
+        self._is_new()
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            if self._is_new():  # asked again under the lock: another process may have begun
+                for statement in SCHEMA:
+                    self._db.execute(statement)
+            self._db.execute("DELETE FROM connections WHERE last_used < ?", (self._oldest(),))
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("PRAGMA journal_mode = WAL")  # readers don't wait for a writer
+
+    def _is_new(self) -> bool:
+        """True for an empty database, False for this app's; anything else is refused."""
+        identity = [self._db.execute(query).fetchone()[0] for query in (
+            "PRAGMA application_id", "PRAGMA user_version", "SELECT count(*) FROM sqlite_master")]
+        if identity == [0, 0, 0]:
+            return True
+        if identity[:2] != [STORE_ID, STORE_VERSION]:
+            raise sqlite3.DatabaseError("it is another program's database, or another "
+                                        "version of this one's")
+        return False
+
+    def _oldest(self) -> float:
+        """The last_used before which a connection has expired."""
+        return self.clock() - SESSION_LIFETIME
+
+    def _run(self, statement: str, *values: object) -> tuple[int, list[Any]]:
+        """One statement, its own transaction: the rows it changed, and those it found."""
+        try:
+            with self._lock:
+                cursor = self._db.execute(statement, values)
+                return cursor.rowcount, cursor.fetchall()
+        except sqlite3.OperationalError as err:
+            busy = "locked" in str(err)  # another process kept the store past busy_timeout
+            raise StoreError(f"{self.path}: {err}", HTTPStatus.SERVICE_UNAVAILABLE if busy
+                             else HTTPStatus.INTERNAL_SERVER_ERROR) from err
+        except sqlite3.Error as err:
+            raise StoreError(f"{self.path}: {err}") from err
 
     def load(self, session: str) -> Connection | None:
-        with self._lock:
-            return self._connections.get(session)
+        """This browser's connection, unless it has expired."""
+        _, rows = self._run(f"SELECT {COLUMNS} FROM connections WHERE session = ? "
+                            "AND last_used >= ?", session, self._oldest())
+        if not rows:
+            return None
+        row = rows[0]  # checked as closely as Mailchimp's reply: the prefix goes into a URL
+        if not (all(isinstance(value, str) for value in row) and ACCESS_TOKEN.fullmatch(row[0])
+                and SERVER_PREFIX.fullmatch(row[1])):
+            raise StoreError(f"{self.path} holds an impossible token or server prefix")
+        return Connection(*row)
 
     def save(self, session: str, connection: Connection) -> None:
-        self.change(session, connection)
+        """Keep a new connection, and let go of any that have expired."""
+        self._run(f"INSERT INTO connections (session, {COLUMNS}, last_used) "
+                  "VALUES (?, ?, ?, ?, ?, ?, ?, ?)", session, *astuple(connection), self.clock())
+        self._run("DELETE FROM connections WHERE last_used < ?", self._oldest())
+
+    def record_ping(self, session: str, pinged_at: str, health_status: str) -> bool:
+        """Note a ping's answer, only if the connection is still there (a Disconnect made
+        while the ping was on its way stays done); whether it was."""
+        changed, _ = self._run("UPDATE connections SET pinged_at = ?, health_status = ?, "
+                               "last_used = ? WHERE session = ?", pinged_at, health_status,
+                               self.clock(), session)
+        return changed == 1
 
     def delete(self, session: str) -> None:
-        self.change(session, None)
-
-    def change(self, session: str, connection: Connection | None) -> None:
-        """One change at a time, made durable before it is made visible."""
-        with self._lock:
-            if connection is None and session not in self._connections:
-                return  # nothing to forget, nothing to write
-            connections = {key: value for key, value in self._connections.items()
-                           if key != session}
-            if connection is not None:
-                connections[session] = connection
-            self.keep(connections)  # if this raises, nothing has changed
-            self._connections = connections
-
-    def keep(self, connections: dict[str, Connection]) -> None:
-        """Make a new set of connections durable; memory needs nothing more."""
+        """Forget this browser's connection, if it has one."""
+        self._run("DELETE FROM connections WHERE session = ?", session)
 
 
-class JsonFileStore(MemoryStore):
-    """Connections in a JSON file that survives restarts, readable by its owner only.
-    The tokens in it are not encrypted: a real app encrypts them (see the README)."""
-
-    def __init__(self, path: str) -> None:
-        self.path = os.path.abspath(path)
-        if not os.path.exists(self.path):
-            self.keep({})  # now, so a folder we can't write to stops start-up, not a login
-        super().__init__(read_store(self.path))
-
-    def keep(self, connections: dict[str, Connection]) -> None:
-        """Write a temporary file in the same folder (mode 0600), fsync, rename it over the
-        old one: a crash leaves the old file or the new one, never half of either."""
-        document = {"version": 1, "connections": {
-            session: asdict(connection) for session, connection in connections.items()}}
-        try:
-            handle, temporary = tempfile.mkstemp(dir=os.path.dirname(self.path),
-                                                 prefix=".mailchimp-store-")
-            try:
-                with os.fdopen(handle, "w", encoding="utf-8") as file:
-                    json.dump(document, file, indent=1)
-                    file.flush()
-                    os.fsync(file.fileno())
-                os.replace(temporary, self.path)
-            except BaseException:
-                os.unlink(temporary)
-                raise
-        except OSError as err:
-            raise StoreError(f"cannot write {self.path}: {err.strerror}") from err
-
-
-def read_store(path: str) -> dict[str, Connection]:
-    """A store file's connections. Anything unexpected stops start-up and leaves the file
-    exactly as it was: nothing a user saved is overwritten by a failed read."""
+def claim_file(path: str) -> None:
+    """Create the store file readable by its owner only (SQLite gives its journal the same
+    mode), or refuse an existing one that others can read: it holds access tokens."""
     try:
-        with open(path, "rb") as file:
-            info = os.fstat(file.fileno())
-            raw = file.read()
+        handle = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        mode = os.fstat(handle).st_mode
+        os.close(handle)
     except OSError as err:
-        raise StoreError(f"cannot read {path}: {err.strerror}") from err
-    if os.name == "posix" and info.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise StoreError(f"cannot open {path}: {err.strerror}") from err
+    if os.name == "posix" and mode & (stat.S_IRWXG | stat.S_IRWXO):
         raise StoreError(f"{path} holds access tokens but other users can read it: "
                          f"run chmod 600 {path}")
-    try:
-        document = json.loads(raw.decode("utf-8"))  # not UTF-8 is a ValueError too
-        if not isinstance(document, dict) or document.get("version") != 1 \
-                or not isinstance(document.get("connections"), dict):
-            raise ValueError("it is not version 1 of this app's store")
-        return {session: connection_from(session, entry)
-                for session, entry in document["connections"].items()}
-    except (ValueError, TypeError, RecursionError) as err:
-        raise StoreError(f"{path} is not a store this app can read ({err}); "
-                         "it was left as it is") from err
-
-
-def connection_from(session: str, entry: object) -> Connection:
-    """One stored connection, checked as closely as a reply from Mailchimp."""
-    if not SESSION_ID.fullmatch(session) or not isinstance(entry, dict) \
-            or not all(isinstance(value, str) for value in entry.values()):
-        raise ValueError("an entry is malformed")
-    connection = Connection(**entry)  # TypeError for a missing or unknown field
-    if not (ACCESS_TOKEN.fullmatch(connection.access_token)
-            and SERVER_PREFIX.fullmatch(connection.server_prefix)):
-        raise ValueError("an entry has an impossible token or server prefix")
-    return connection
 
 
 def session_from(cookie_header: str) -> str:
@@ -664,9 +692,15 @@ def session_from(cookie_header: str) -> str:
 def session_cookie(session: str, *, secure: bool, forget: bool = False) -> str:
     """Set-Cookie for the session: HttpOnly keeps page scripts from reading it; SameSite=Lax
     still sends it when Mailchimp redirects the browser back, but not on cross-site POSTs;
-    Secure keeps it off plain HTTP once the app is served over HTTPS."""
-    return (f"{SESSION_COOKIE}={session}; Path=/; HttpOnly; SameSite=Lax"
-            + ("; Secure" if secure else "") + ("; Max-Age=0" if forget else ""))
+    Secure keeps it off plain HTTP once the app is served over HTTPS; Max-Age lets it go
+    when the store lets go of its connection."""
+    return (f"{SESSION_COOKIE}={session}; Path=/; HttpOnly; SameSite=Lax; "
+            f"Max-Age={0 if forget else SESSION_LIFETIME}" + ("; Secure" if secure else ""))
+
+
+def utc_now() -> str:
+    """The time, as the store and the pages show it."""
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
 
 
 def mask(token: str) -> str:
@@ -702,7 +736,7 @@ CONNECTED = """<p>Mailchimp accepted the connection. What the app keeps:</p>
 <dt>Server prefix</dt><dd>{prefix}</dd>
 <dt>Access token</dt><dd>{token} (masked: it never appears in full)</dd>
 <dt>Connected at</dt><dd>{connected_at}</dd>
-<dt>Ping</dt><dd>{health}</dd>
+<dt>Last ping</dt><dd>{pinged_at}: {health}</dd>
 </dl>
 <p><a href="/ping">Ping Mailchimp again</a></p>
 <form method="post" action="/disconnect"><button type="submit">Disconnect</button></form>"""
@@ -733,7 +767,7 @@ def connected_page(connection: Connection, notice: str = "") -> bytes:
     return page("Connected to Mailchimp", render(
         CONNECTED, account=connection.account_name, prefix=connection.server_prefix,
         token=mask(connection.access_token), connected_at=connection.connected_at,
-        health=connection.health_status), notice)
+        pinged_at=connection.pinged_at, health=connection.health_status), notice)
 
 
 def problem_page(status: HTTPStatus, message: str, hint: str = "", notice: str = "") -> bytes:
@@ -835,8 +869,7 @@ class OAuthDemo:
         except FlowError as err:
             return failure(err, self.config.notice)
         except StoreError as err:  # a full disk, say: the user gets a page, the server lives on
-            return failure(FlowError(HTTPStatus.INTERNAL_SERVER_ERROR, STEP_KEEP, str(err)),
-                           self.config.notice)
+            return failure(FlowError(err.status, STEP_KEEP, str(err)), self.config.notice)
 
     def show_index(self, visit: Visit) -> Response:
         """Step 1: the start page, or what this browser's connection holds."""
@@ -861,9 +894,9 @@ class OAuthDemo:
         token = self.exchange_code(code)
         account = self.find_account(token)
         health = self.ping(account.server_prefix, token)
+        now = utc_now()
         return self.keep(visit.session, Connection(
-            token, account.server_prefix, account.name, health,
-            time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())))
+            token, account.server_prefix, account.name, now, now, health))
 
     def check_callback(self, visit: Visit) -> str:
         """Step 3: first the state (our login, from this browser?), then Mailchimp's answer."""
@@ -919,7 +952,8 @@ class OAuthDemo:
         self.store.delete(old_session)
         self.logins.transfer(old_session, session)  # other tabs may still be logging in
         narrate(STEP_KEEP, f"connected to {connection.account_name!r}: kept its token and "
-                "server prefix, and sent the browser to / so the code leaves the address bar")
+                f"server prefix in {self.store.where}, and sent the browser to / so the code "
+                "leaves the address bar")
         return redirect("/", ("Set-Cookie", session_cookie(session, secure=self.secure)),
                         status=HTTPStatus.SEE_OTHER)
 
@@ -934,8 +968,9 @@ class OAuthDemo:
             if err.mailchimp_status == HTTPStatus.UNAUTHORIZED:  # the user removed the app
                 self.store.delete(visit.session)
             raise
-        connection = replace(connection, health_status=health)
-        self.store.save(visit.session, connection)
+        pinged_at = utc_now()
+        self.store.record_ping(visit.session, pinged_at, health)
+        connection = replace(connection, pinged_at=pinged_at, health_status=health)
         return Response(HTTPStatus.OK, connected_page(connection, self.config.notice))
 
     def disconnect(self, visit: Visit) -> Response:
@@ -1114,7 +1149,7 @@ def make_server(config: Config, *, host: str = "127.0.0.1", port: int = 3000,
     server.app = app = OAuthDemo(
         replace(config, base_url=config.base_url or server.origin),
         opener=opener or urllib.request.build_opener(),
-        store=store or MemoryStore(), logins=logins or PendingLogins())
+        store=store or Store(), logins=logins or PendingLogins())
     return server, app
 
 
@@ -1133,7 +1168,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--timeout", type=positive_seconds, default=10.0,
                         help="seconds to wait for Mailchimp (default 10)")
     parser.add_argument("--store", metavar="PATH",
-                        help="keep connections in this JSON file, across restarts")
+                        help="keep connections in this SQLite database, across restarts "
+                        "(default: in memory)")
     parser.add_argument("--quiet", action="store_true",
                         help="log warnings only, not each step of a login")
     parser.add_argument("--verbose", action="store_true",
@@ -1168,7 +1204,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] = os.envi
     try:
         if args.host in ("0.0.0.0", "::") and not args.base_url:
             raise ConfigError(f"--host {args.host} needs --base-url: the address browsers use")
-        store = JsonFileStore(args.store) if args.store else MemoryStore()
+        store = Store(args.store) if args.store else Store()
         if args.sandbox:  # the stand-in at the end of this file
             server, app = sandboxed(start_sandbox(), args, store)
         else:
@@ -1354,10 +1390,13 @@ class Sandbox:
     def ping(self, visit: Visit) -> Response:
         """The Marketing API's ping: `Bearer <token>` (or `OAuth <token>`)."""
         if not self.knows(visit.authorization, "Bearer", "OAuth"):
+            scheme = visit.authorization.partition(" ")[0]
             return json_response(HTTPStatus.UNAUTHORIZED, {
                 "type": "https://mailchimp.com/developer/marketing/docs/errors/",
                 "title": "API Key Invalid", "status": 401,
-                "detail": "Send Authorization: Bearer <access token>."},
+                "detail": "The sandbox's stand-in did not issue this token: it forgets its "
+                          "tokens when the app restarts. Connect again."
+                if scheme in ("Bearer", "OAuth") else "Send Authorization: Bearer <token>."},
                 "application/problem+json; charset=utf-8")
         return json_response(HTTPStatus.OK, {"health_status": "Everything's Chimpy!"})
 

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -20,7 +21,7 @@ import urllib.parse
 import urllib.request
 import urllib.response
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, replace
 from http import HTTPStatus
 from typing import Any
 
@@ -401,17 +402,18 @@ def test_pending_logins_stay_bounded_dropping_the_oldest() -> None:
 # Keeping connections
 # ---------------------------------------------------------------------------
 
-CONNECTION = demo.Connection(TOKEN, "us19", "Freddie's Jokes", "Everything's Chimpy!",
-                             "2026-11-29T00:00:00Z")
+CONNECTION = demo.Connection(TOKEN, "us19", "Freddie's Jokes", "2026-11-29 08:00:00 UTC",
+                             "2026-11-29 08:00:00 UTC", "Everything's Chimpy!")
+DAY = 24 * 3600.0
 
 
 def test_a_connection_never_shows_its_token_in_its_repr() -> None:
     assert TOKEN not in repr(CONNECTION)
 
 
-@pytest.mark.parametrize("make_store", [demo.MemoryStore, "file"])
-def test_a_store_saves_loads_and_deletes(make_store: Any, tmp_path: Any) -> None:
-    store = demo.JsonFileStore(str(tmp_path / "s.json")) if make_store == "file" else make_store()
+@pytest.mark.parametrize("where", ["memory", "file"])
+def test_a_store_saves_loads_and_deletes(where: str, tmp_path: Any) -> None:
+    store = demo.Store(str(tmp_path / "s.db")) if where == "file" else demo.Store()
     store.save(SESSION_A, CONNECTION)
     assert store.load(SESSION_A) == CONNECTION and store.load(SESSION_B) is None
     store.delete(SESSION_A)
@@ -419,107 +421,166 @@ def test_a_store_saves_loads_and_deletes(make_store: Any, tmp_path: Any) -> None
 
 
 def test_a_file_store_survives_a_restart(tmp_path: Any) -> None:
-    path = str(tmp_path / "store.json")
-    demo.JsonFileStore(path).save(SESSION_A, CONNECTION)
-    assert demo.JsonFileStore(path).load(SESSION_A) == CONNECTION
+    path = str(tmp_path / "store.db")
+    demo.Store(path).save(SESSION_A, CONNECTION)
+    assert demo.Store(path).load(SESSION_A) == CONNECTION
+
+
+def rows(path: Any) -> list[tuple[Any, ...]]:
+    """What the store file holds, read as anyone would, with the standard library."""
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        return db.execute("SELECT session, server_prefix FROM connections").fetchall()
+
+
+def test_a_file_store_is_one_table_anyone_can_read_with_sqlite3(tmp_path: Any) -> None:
+    path = tmp_path / "store.db"
+    demo.Store(str(path)).save(SESSION_A, CONNECTION)
+    assert rows(path) == [(SESSION_A, "us19")]
 
 
 @pytest.mark.skipif(os.name != "posix", reason="file modes are POSIX")
-def test_a_file_store_is_readable_by_its_owner_only(tmp_path: Any) -> None:
-    path = tmp_path / "store.json"
-    store = demo.JsonFileStore(str(path))
-    assert path.stat().st_mode & 0o777 == 0o600  # from the start, before anything is saved
+def test_a_file_store_and_its_journal_are_readable_by_their_owner_only(tmp_path: Any) -> None:
+    store = demo.Store(str(tmp_path / "store.db"))
     store.save(SESSION_A, CONNECTION)
-    assert path.stat().st_mode & 0o777 == 0o600
+    modes = {entry.name: entry.stat().st_mode & 0o777 for entry in tmp_path.iterdir()}
+    assert "store.db-wal" in modes and set(modes.values()) == {0o600}
 
 
-def test_a_file_store_leaves_no_temporary_files(tmp_path: Any) -> None:
-    store = demo.JsonFileStore(str(tmp_path / "store.json"))
-    store.save(SESSION_A, CONNECTION)
-    store.delete(SESSION_A)
-    assert [entry.name for entry in tmp_path.iterdir()] == ["store.json"]
-
-
-def test_a_failed_write_changes_neither_the_file_nor_what_is_served(
-        tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    path = tmp_path / "store.json"
-    store = demo.JsonFileStore(str(path))
-    store.save(SESSION_A, CONNECTION)
-    before = path.read_bytes()
-
-    def disk_full(*args: Any) -> None:
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(os, "replace", disk_full)
-    with pytest.raises(demo.StoreError, match="No space left"):
-        store.save(SESSION_B, CONNECTION)
-    with pytest.raises(demo.StoreError):
-        store.delete(SESSION_A)
-    assert path.read_bytes() == before
-    assert store.load(SESSION_A) == CONNECTION and store.load(SESSION_B) is None
-    assert [entry.name for entry in tmp_path.iterdir()] == ["store.json"]
-
-
-def stored(**entry: Any) -> bytes:
-    return json.dumps({"version": 1, "connections": {SESSION_A: {
-        **asdict(CONNECTION), **entry}}}).encode()
-
-
-@pytest.mark.parametrize("content", [
-    b"", b"not json", b"[]", b"\xff\xfe", b"[" * 50_000,
-    json.dumps({"version": 2, "connections": {}}).encode(),
-    json.dumps({"version": 1, "connections": []}).encode(),
-    json.dumps({"version": 1, "connections": {"short": asdict(CONNECTION)}}).encode(),
-    stored(access_token="a b\r\nc"), stored(server_prefix="evil.example/x#"),
-    stored(connected_at=12), stored(extra="field"),
-    json.dumps({"version": 1, "connections": {SESSION_A: {"access_token": TOKEN}}}).encode(),
-])
-def test_a_store_it_cannot_read_is_refused_and_left_untouched(tmp_path: Any,
-                                                              content: bytes) -> None:
-    path = tmp_path / "store.json"
-    path.write_bytes(content)
-    path.chmod(0o600)
-    with pytest.raises(demo.StoreError, match="left as it is|cannot read"):
-        demo.JsonFileStore(str(path))
-    assert path.read_bytes() == content
-
-
-@pytest.mark.skipif(os.name != "posix", reason="file modes are POSIX")
-def test_a_store_others_can_read_is_refused_and_left_untouched(tmp_path: Any) -> None:
-    path = tmp_path / "store.json"
-    path.write_bytes(stored())
-    path.chmod(0o644)
-    with pytest.raises(demo.StoreError, match="chmod 600"):
-        demo.JsonFileStore(str(path))
-    assert path.read_bytes() == stored() and path.stat().st_mode & 0o777 == 0o644
-
-
-def test_a_store_path_that_is_not_a_file_is_refused(tmp_path: Any) -> None:
-    with pytest.raises(demo.StoreError, match="cannot read"):
-        demo.JsonFileStore(str(tmp_path))
-
-
-def test_forgetting_what_a_file_store_never_held_writes_nothing(tmp_path: Any) -> None:
-    path = tmp_path / "store.json"
-    store = demo.JsonFileStore(str(path))
-    store.save(SESSION_A, CONNECTION)
-    written = path.stat().st_ino  # every write is a new file renamed into place
-    store.delete(SESSION_B)
-    assert path.stat().st_ino == written
-
-
-def test_concurrent_saves_lose_no_write(tmp_path: Any) -> None:
-    path = str(tmp_path / "store.json")
-    store = demo.JsonFileStore(path)
+def test_two_processes_sharing_a_store_keep_all_their_logins(tmp_path: Any) -> None:
+    path = str(tmp_path / "store.db")
+    first, second = demo.Store(path), demo.Store(path)  # two connections, as two processes
     sessions = [f"{n:043d}" for n in range(40)]
-    threads = [threading.Thread(target=store.save, args=(session, CONNECTION))
-               for session in sessions]
+    threads = [threading.Thread(target=(first, second)[n % 2].save, args=(session, CONNECTION))
+               for n, session in enumerate(sessions)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
-    reopened = demo.JsonFileStore(path)
-    assert all(reopened.load(session) == CONNECTION for session in sessions)
+    assert sorted(session for session, _ in rows(path)) == sessions
+
+
+def test_a_ping_is_recorded_only_while_the_connection_is_there() -> None:
+    store = demo.Store()
+    store.save(SESSION_A, CONNECTION)
+    assert store.record_ping(SESSION_A, "2026-11-30 09:00:00 UTC", "Still Chimpy")
+    assert store.load(SESSION_A) == replace(CONNECTION, pinged_at="2026-11-30 09:00:00 UTC",
+                                            health_status="Still Chimpy")
+    store.delete(SESSION_A)
+    assert not store.record_ping(SESSION_A, "2026-11-30 09:01:00 UTC", "Still Chimpy")
+    assert store.load(SESSION_A) is None  # a late ping does not bring a Disconnect back
+
+
+def test_a_connection_unused_for_its_lifetime_expires(tmp_path: Any, clock: Clock) -> None:
+    path = tmp_path / "store.db"
+    store = demo.Store(str(path), clock=clock)
+    store.save(SESSION_A, CONNECTION)
+    store.save(SESSION_B, CONNECTION)
+    clock.now += 29 * DAY
+    store.record_ping(SESSION_B, "later", "Chimpy")  # using a connection keeps it
+    clock.now += 2 * DAY
+    assert store.load(SESSION_A) is None and store.load(SESSION_B) is not None
+    demo.Store(str(path), clock=clock)  # start-up deletes what has expired
+    assert [session for session, _ in rows(path)] == [SESSION_B]
+
+
+def test_the_session_cookie_lasts_as_long_as_the_store_keeps_its_connection() -> None:
+    cookie = demo.session_cookie(SESSION_A, secure=False)
+    assert f"; Max-Age={demo.SESSION_LIFETIME}" in cookie and demo.SESSION_LIFETIME == 30 * DAY
+
+
+def other_schema(path: Any) -> None:
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        db.execute("CREATE TABLE notes (text TEXT)")
+        db.commit()
+
+
+def newer_version(path: Any) -> None:
+    demo.Store(str(path)).save(SESSION_A, CONNECTION)
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        db.execute("PRAGMA user_version = 2")
+
+
+def truncated(path: Any) -> None:
+    store = demo.Store(str(path))
+    for n in range(300):
+        store.save(f"{n:043d}", CONNECTION)
+    del store
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    path.write_bytes(path.read_bytes()[:20_000])
+
+
+@pytest.mark.parametrize("make", [
+    lambda path: path.write_bytes(b"not a database, just some text\n" * 10),
+    lambda path: path.write_bytes(b'{"version": 1, "connections": {}}'),  # the old JSON store
+    truncated, other_schema, newer_version,
+], ids=["garbage", "json-store", "truncated", "other-schema", "newer-version"])
+def test_a_file_that_is_not_this_apps_store_is_refused_and_left_untouched(
+        tmp_path: Any, make: Any) -> None:
+    path = tmp_path / "store.db"
+    make(path)
+    path.chmod(0o600)
+    before = path.read_bytes()
+    with pytest.raises(demo.StoreError, match="not a store this app can use.*left as it is"):
+        demo.Store(str(path))
+    assert path.read_bytes() == before
+
+
+@pytest.mark.skipif(os.name != "posix", reason="file modes are POSIX")
+def test_a_store_others_can_read_is_refused_and_left_untouched(tmp_path: Any) -> None:
+    path = tmp_path / "store.db"
+    demo.Store(str(path)).save(SESSION_A, CONNECTION)
+    path.chmod(0o644)
+    before = path.read_bytes()
+    with pytest.raises(demo.StoreError, match="chmod 600"):
+        demo.Store(str(path))
+    assert path.read_bytes() == before and path.stat().st_mode & 0o777 == 0o644
+
+
+def test_a_store_path_that_is_not_a_file_is_refused(tmp_path: Any) -> None:
+    with pytest.raises(demo.StoreError, match="cannot open"):
+        demo.Store(str(tmp_path))
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0,
+                    reason="file modes are POSIX, and root may write anything")
+def test_a_store_that_cannot_be_written_stops_start_up(tmp_path: Any) -> None:
+    path = tmp_path / "store.db"
+    demo.Store(str(path)).save(SESSION_A, CONNECTION)
+    path.chmod(0o400)
+    with pytest.raises(demo.StoreError):
+        demo.Store(str(path))
+
+
+@contextlib.contextmanager
+def locked(path: Any) -> Iterator[None]:
+    """Another process holding the store's write lock."""
+    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as db:
+        db.execute("BEGIN EXCLUSIVE")
+        yield
+        db.execute("ROLLBACK")
+
+
+def test_a_store_locked_by_another_process_stops_start_up_after_the_busy_timeout(
+        tmp_path: Any) -> None:
+    path = tmp_path / "store.db"
+    demo.Store(str(path)).save(SESSION_A, CONNECTION)
+    with locked(path), pytest.raises(demo.StoreError, match="locked"):
+        demo.Store(str(path), busy_timeout=0.05)
+    assert demo.Store(str(path)).load(SESSION_A) == CONNECTION
+
+
+@pytest.mark.parametrize("column, value", [("server_prefix", "evil.example/x#"),
+                                           ("access_token", "a b\r\nc"), ("account_name", b"\x00")])
+def test_a_tampered_row_is_refused_not_used(tmp_path: Any, column: str, value: Any) -> None:
+    path = tmp_path / "store.db"
+    store = demo.Store(str(path))
+    store.save(SESSION_A, CONNECTION)
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        db.execute(f"UPDATE connections SET {column} = ?", (value,))
+        db.commit()
+    with pytest.raises(demo.StoreError, match="impossible"):
+        store.load(SESSION_A)
 
 
 # ---------------------------------------------------------------------------
@@ -789,39 +850,49 @@ def test_disconnect_is_post_only(browser: Browser) -> None:
 
 
 def test_a_restart_with_the_same_store_keeps_the_user_connected(
-        mailchimp: FakeMailchimp, tmp_path: Any) -> None:
-    path = str(tmp_path / "store.json")
+        mailchimp: FakeMailchimp, tmp_path: Any, log: pytest.LogCaptureFixture) -> None:
+    path = str(tmp_path / "store.db")
     config = demo.Config(CLIENT_ID, CLIENT_SECRET)
-    first, _ = demo.make_server(config, port=0, opener=mailchimp, store=demo.JsonFileStore(path))
+    first, _ = demo.make_server(config, port=0, opener=mailchimp, store=demo.Store(path))
     with serving(first):
         browser = Browser(first.server_port)
         browser.connect()
-    second, _ = demo.make_server(config, port=0, opener=mailchimp,
-                                 store=demo.JsonFileStore(path))
+    assert f"kept its token and server prefix in {path}," in log.text
+    second, _ = demo.make_server(config, port=0, opener=mailchimp, store=demo.Store(path))
     with serving(second):
         browser.origin = second.origin
         assert "Freddie&#x27;s Jokes" in browser.get("/").text
         assert browser.get("/ping").status == HTTPStatus.OK
 
 
-def test_a_store_that_cannot_be_written_gives_a_clear_page_and_the_server_lives_on(
-        mailchimp: FakeMailchimp, tmp_path: Any, monkeypatch: pytest.MonkeyPatch,
-        log: pytest.LogCaptureFixture) -> None:
-    store = demo.JsonFileStore(str(tmp_path / "store.json"))
-    server, _ = demo.make_server(demo.Config(CLIENT_ID, CLIENT_SECRET), port=0,
-                                 opener=mailchimp, store=store)
+def test_parallel_logins_are_all_kept(mailchimp: FakeMailchimp, tmp_path: Any) -> None:
+    server, _ = demo.make_server(CONFIG, port=0, opener=mailchimp,
+                                 store=demo.Store(str(tmp_path / "store.db")))
+    with serving(server):
+        browsers = [Browser(server.server_port) for _ in range(20)]
+        threads = [threading.Thread(target=browser.connect) for browser in browsers]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert all("Connected to Mailchimp" in browser.get("/").text for browser in browsers)
+    assert len(rows(tmp_path / "store.db")) == 20
 
-    def disk_full(*args: Any) -> None:
-        raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(os, "replace", disk_full)
+def test_a_store_locked_too_long_gives_503_keeps_nothing_and_the_server_lives_on(
+        mailchimp: FakeMailchimp, tmp_path: Any, log: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "store.db"
+    server, _ = demo.make_server(CONFIG, port=0, opener=mailchimp,
+                                 store=demo.Store(str(path), busy_timeout=0.05))
     with serving(server):
         browser = Browser(server.server_port)
-        page = browser.connect()
-        assert page.status == HTTPStatus.INTERNAL_SERVER_ERROR
-        assert "keeping the connection" in page.text and "No space left" in page.text
-        assert browser.get("/").status == HTTPStatus.OK
-    assert any("-> 500 Step 7" in record.getMessage() for record in log.records)
+        with locked(path):
+            page = browser.connect()
+        assert page.status == HTTPStatus.SERVICE_UNAVAILABLE
+        assert "keeping the connection" in page.text and "locked" in page.text
+        assert "Connect with Mailchimp" in browser.get("/").text
+    assert rows(path) == []
+    assert any("-> 503 Step 7" in record.getMessage() for record in log.records)
 
 
 # --- step 3: the callback is checked before anything goes upstream ---------
@@ -1030,6 +1101,7 @@ def test_the_narration_says_what_went_where_with_status_and_time(
     assert "server prefix us19" in lines[demo.STEP_METADATA]
     assert lines[demo.STEP_PING].startswith(f"GET {PING_URL} -> 200 in ")
     assert "Everything's Chimpy!" in lines[demo.STEP_PING]
+    assert "kept its token and server prefix in memory" in lines[demo.STEP_KEEP]
 
 
 def test_the_narration_shows_secrets_masked_or_not_at_all(
@@ -1079,7 +1151,7 @@ def test_a_refused_callback_line_names_step_3_and_what_to_do(
     assert "Step 3 (callback) failed" in warning and says in warning
 
 
-class BrokenStore(demo.MemoryStore):
+class BrokenStore(demo.Store):
     def load(self, session: str) -> demo.Connection | None:
         raise RuntimeError("a bug")
 
@@ -1265,13 +1337,13 @@ def test_a_bad_setting_is_one_line_and_exit_status_2(
 
 def test_a_store_it_cannot_read_stops_startup_with_one_line(
         tmp_path: Any, capsys: pytest.CaptureFixture[str]) -> None:
-    path = tmp_path / "store.json"
+    path = tmp_path / "store.db"
     path.write_bytes(b"{ half a file")
     path.chmod(0o600)
     assert demo.main(["--port", "0", "--store", str(path)], environ=ENV) == 2
     err = capsys.readouterr().err
-    assert "left as it is" in err and err.count("\n") == 1
-    assert path.read_bytes() == b"{ half a file"
+    assert "not a store this app can use" in err and "left as it is" in err
+    assert err.count("\n") == 1 and path.read_bytes() == b"{ half a file"
 
 
 @pytest.mark.parametrize("args, says", [
@@ -1480,15 +1552,17 @@ def test_stand_in_metadata_wants_the_oauth_scheme(stand_in: demo.Sandbox, scheme
         assert json.loads(page.text)["dc"] == demo.SANDBOX_PREFIX
 
 
-@pytest.mark.parametrize("authorization, status", [
-    ("Bearer {token}", 200), ("OAuth {token}", 200), ("Bearer not-issued", 401), ("", 401),
+@pytest.mark.parametrize("authorization, status, says", [
+    ("Bearer {token}", 200, "Chimpy"), ("OAuth {token}", 200, "Chimpy"),
+    ("Bearer not-issued", 401, "forgets its tokens when the app restarts"),
+    ("", 401, "Send Authorization: Bearer"),
 ])
 def test_stand_in_ping_wants_an_issued_token(stand_in: demo.Sandbox, authorization: str,
-                                             status: int) -> None:
+                                             status: int, says: str) -> None:
     header = authorization.format(token=issued_token(stand_in))
     page = Browser(0).get(f"{stand_in.url}/{demo.SANDBOX_PREFIX}/3.0/ping",
                           headers={"Authorization": header} if header else {})
-    assert page.status == status
+    assert page.status == status and says in page.text
     if status == 401:
         assert page.headers["Content-Type"].startswith("application/problem+json")
 
