@@ -13,7 +13,7 @@ account, in the guide's order, and says each step in the log as it happens:
   6. GET {api}/ping                 call the Marketing API with the token
   7. redirect to /                  which shows the result, the token masked
 
-Then GET /ping uses the kept token again, and POST /disconnect forgets it.
+Then POST /ping uses the kept token again, and POST /disconnect forgets it.
 
 Try it offline, with a stand-in for Mailchimp (the last section of this file):
 
@@ -40,6 +40,9 @@ database (the token encrypted at rest) around the same steps.
 from __future__ import annotations
 
 import argparse
+import base64
+import errno
+import hashlib
 import hmac
 import html
 import http.client
@@ -106,13 +109,11 @@ def config_from_env(environ: Mapping[str, str], *, base_url: str = "",
     config = Config(
         client_id=required(environ, "MAILCHIMP_CLIENT_ID"),
         client_secret=required(environ, "MAILCHIMP_CLIENT_SECRET"),
-        base_url=base_url.rstrip("/"),
+        base_url=check_base_url(base_url) if base_url else "",
         login_url=environ.get("MAILCHIMP_LOGIN_URL", LOGIN_URL).rstrip("/"),
         api_url=environ.get("MAILCHIMP_API_URL", API_URL).rstrip("/"),
         timeout=timeout,
     )
-    if config.base_url:
-        check_base_url(config.base_url)
     check_upstream_url("MAILCHIMP_LOGIN_URL", config.login_url)
     if "{dc}" not in config.api_url:
         raise ConfigError("MAILCHIMP_API_URL must contain {dc}, where the server prefix goes")
@@ -154,12 +155,41 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def check_base_url(base_url: str) -> None:
-    """The app's own address must be an origin: the callback path is added to it."""
+def check_base_url(base_url: str) -> str:
+    """The app's own address, as an origin (the callback path is added to it), written as
+    browsers write it in an Origin header. The code and the session cookie travel to it, so
+    plain http:// is for this machine only, as for Mailchimp's URLs."""
     parts = urllib.parse.urlsplit(base_url)
-    if parts.scheme not in ("http", "https") or not parts.hostname or parts.path \
-            or parts.query or parts.fragment:
-        raise ConfigError(f"--base-url {base_url!r} must look like http://host:port or https://host")
+    origin = origin_of(base_url)
+    if parts.scheme not in ("http", "https") or not origin or parts.username:
+        raise ConfigError(f"--base-url {base_url!r} must look like http://127.0.0.1:3000 "
+                          "or https://your.domain")
+    for part, text in (("a path", parts.path.strip("/")), ("a query", parts.query),
+                       ("a fragment", parts.fragment)):
+        if text:
+            raise ConfigError(f"--base-url {base_url!r} has {part}; give only "
+                              "scheme://host[:port]: the app lives at the root of its address")
+    if parts.scheme == "http" and not is_loopback(parts.hostname or ""):
+        raise ConfigError(f"--base-url {base_url!r} would send codes and cookies across the "
+                          "network in plain text: use https:// behind a TLS proxy, or an SSH "
+                          "tunnel to 127.0.0.1")
+    return origin
+
+
+def origin_of(url: str) -> str:
+    """scheme://host[:port] as a browser's Origin header says it: lower case, no default
+    port; "" if it is no URL. Compare these, never the strings people type."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        host, port = parts.hostname, parts.port
+    except ValueError:
+        return ""
+    scheme = parts.scheme.lower()
+    if not host or scheme not in ("http", "https"):
+        return ""
+    host = f"[{host}]" if ":" in host else host
+    default = 80 if scheme == "http" else 443
+    return f"{scheme}://{host}" + (f":{port}" if port not in (None, default) else "")
 
 
 # ---------------------------------------------------------------------------
@@ -712,10 +742,32 @@ def mask(token: str) -> str:
 # Pages
 # ---------------------------------------------------------------------------
 
+STYLESHEET = """
+body { font: 16px/1.5 system-ui, sans-serif; color: #1f2328; max-width: 40rem;
+       margin: 2rem auto; padding: 0 1rem; }
+h1 { font-size: 1.6rem; margin: 1rem 0; }
+.notice { background: #fff3bf; border: 2px solid #e0a800; border-radius: .4rem;
+          padding: .6rem .9rem; font-weight: 600; }
+dl { display: grid; grid-template-columns: max-content 1fr; gap: .3rem 1.2rem; }
+dt { font-weight: 600; }
+dd { margin: 0; }
+code { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; }
+form { display: inline-block; margin: 1rem .5rem 0 0; }
+.button, button { font: inherit; display: inline-block; padding: .5rem 1.1rem; cursor: pointer;
+                  border: 1px solid #0b5cad; border-radius: .4rem; background: #0b5cad;
+                  color: #fff; text-decoration: none; }
+button.quiet { background: #fff; color: #0b5cad; }
+"""
+# The policy allows this one stylesheet by its hash, computed from the text itself, so editing
+# the style can't break the policy, and nothing injected into a page can style or script it.
+STYLE_HASH = base64.b64encode(hashlib.sha256(STYLESHEET.encode()).digest()).decode()
+POLICY = (f"default-src 'none'; style-src 'sha256-{STYLE_HASH}'; form-action 'self'; "
+          "frame-ancestors 'none'; base-uri 'none'")
+
 PAGE = """<!doctype html>
 <html lang="en">
 <head><meta charset="utf-8"><meta name="viewport" content="width=device-width">
-<title>{title}</title></head>
+<title>{title}</title><style>{style}</style></head>
 <body>
 {notice}<h1>{title}</h1>
 {content}
@@ -723,23 +775,23 @@ PAGE = """<!doctype html>
 </html>
 """
 
-NOTICE = """<p><strong>{notice}</strong></p>
+NOTICE = """<p class="notice">{notice}</p>
 """
 
 WELCOME = """<p>This app connects to a Mailchimp account with OAuth 2. Mailchimp will ask you
 to log in and to approve access; then you come back here.</p>
-<p><a href="/auth/mailchimp">Connect with Mailchimp</a></p>"""
+<p><a class="button" href="/auth/mailchimp">Connect with Mailchimp</a></p>"""
 
 CONNECTED = """<p>Mailchimp accepted the connection. What the app keeps:</p>
 <dl>
 <dt>Account</dt><dd>{account}</dd>
-<dt>Server prefix</dt><dd>{prefix}</dd>
-<dt>Access token</dt><dd>{token} (masked: it never appears in full)</dd>
+<dt>Server prefix</dt><dd><code>{prefix}</code></dd>
+<dt>Access token</dt><dd><code>{token}</code> (masked: it never appears in full)</dd>
 <dt>Connected at</dt><dd>{connected_at}</dd>
 <dt>Last ping</dt><dd>{pinged_at}: {health}</dd>
 </dl>
-<p><a href="/ping">Ping Mailchimp again</a></p>
-<form method="post" action="/disconnect"><button type="submit">Disconnect</button></form>"""
+<form method="post" action="/ping"><button type="submit">Ping Mailchimp again</button></form>
+<form method="post" action="/disconnect"><button class="quiet" type="submit">Disconnect</button></form>"""
 
 DISCONNECTED = """<p>This app has forgotten the access token and the server prefix.</p>
 <p>The token itself keeps working until the user revokes it, and Mailchimp has no endpoint for
@@ -758,7 +810,7 @@ def render(template: str, **values: str) -> str:
 
 def page(title: str, content: str, notice: str = "") -> bytes:
     """A whole page around content that is already markup (made by render)."""
-    return PAGE.format(title=html.escape(title), content=content,
+    return PAGE.format(title=html.escape(title), content=content, style=STYLESHEET,
                        notice=render(NOTICE, notice=notice) if notice else "").encode("utf-8")
 
 
@@ -789,7 +841,9 @@ class Visit:
     session: str = ""  # the session cookie, if it is well formed
     form: dict[str, str] | None = None  # the body's fields, if it is a small urlencoded form
     authorization: str = ""
-    origin: str = ""  # the Origin header browsers send with a POST
+    host: str = ""  # the Host header: the name the browser used for this app
+    origin: str = ""  # where a browser says a POST comes from: the Origin header ...
+    fetch_site: str = ""  # ... and Sec-Fetch-Site, in browsers that send it
 
 
 @dataclass(frozen=True)
@@ -829,14 +883,14 @@ def exchange(request: urllib.request.Request, reply: Reply) -> str:
 
 def dispatch(routes: Mapping[str, Mapping[str, Callable[[Visit], Response]]], method: str,
              visit: Visit, notice: str = "") -> Response:
-    """Run the route for this path and method (HEAD runs GET's); 404 or 405 if there is none."""
+    """Run the route for this path and method; 404 or 405 if there is none."""
     methods = routes.get(visit.path)
     if methods is None:
         return Response(HTTPStatus.NOT_FOUND, problem_page(
             HTTPStatus.NOT_FOUND, "There is no page at this address.", notice=notice))
-    action = methods.get("GET" if method == "HEAD" else method)
+    action = methods.get(method)
     if action is None:
-        allowed = ", ".join(sorted({*methods, "HEAD"} if "GET" in methods else methods))
+        allowed = ", ".join(sorted(methods))
         return Response(HTTPStatus.METHOD_NOT_ALLOWED, problem_page(
             HTTPStatus.METHOD_NOT_ALLOWED, f"This address accepts only {allowed}.",
             notice=notice), headers=(("Allow", allowed),))
@@ -854,22 +908,49 @@ class OAuthDemo:
         self.logins = logins
         self.secure = config.base_url.startswith("https:")  # then cookies are Secure too
         self.welcome = page("Mailchimp OAuth 2 demo", WELCOME, config.notice)  # built once
-        self.routes = {
-            "/": {"GET": self.show_index},
+        self.routes = {  # HEAD only where GET changes nothing: a link checker's HEAD must
+            "/": {"GET": self.show_index, "HEAD": self.show_index},  # not spend a login
             "/auth/mailchimp": {"GET": self.start_login},
             CALLBACK_PATH: {"GET": self.finish_login},
-            "/ping": {"GET": self.ping_again},
+            "/ping": {"POST": self.ping_again},  # they change things: POST, from our pages only
             "/disconnect": {"POST": self.disconnect},
         }
 
     def respond(self, method: str, visit: Visit) -> Response:
         """Answer one request; a failed step becomes its error page."""
+        if self.is_loopback_alias(visit.host):  # localhost's cookie would miss the callback
+            return redirect(self.config.base_url + visit.path)
         try:
             return dispatch(self.routes, method, visit, self.config.notice)
         except FlowError as err:
             return failure(err, self.config.notice)
         except StoreError as err:  # a full disk, say: the user gets a page, the server lives on
             return failure(FlowError(err.status, STEP_KEEP, str(err)), self.config.notice)
+
+    def is_loopback_alias(self, host_header: str) -> bool:
+        """Whether the browser reached us by another loopback name for the same port
+        (localhost for 127.0.0.1, say). Only then is Host trusted, and only as a yes or no."""
+        ours = urllib.parse.urlsplit(self.config.base_url)
+        try:
+            theirs = urllib.parse.urlsplit("//" + host_header)
+            ports = (ours.port or 80, theirs.port or 80)
+        except ValueError:
+            return False
+        return (ours.scheme == "http" and ports[0] == ports[1] and bool(theirs.hostname)
+                and theirs.hostname != ours.hostname
+                and is_loopback(ours.hostname or "") and is_loopback(theirs.hostname or ""))
+
+    def check_same_origin(self, visit: Visit, action: str) -> None:
+        """Refuse a POST that another site's page made (CSRF). Browsers say where a request
+        comes from in Sec-Fetch-Site, and in Origin (which our Referrer-Policy lets them fill
+        in for our own pages); both, when sent, must name this app. A client that sends
+        neither is no current browser, and SameSite=Lax keeps the cookie off old browsers'
+        cross-site posts."""
+        if visit.fetch_site not in ("", "same-origin") or (
+                visit.origin and origin_of(visit.origin) != self.config.base_url):
+            raise FlowError(HTTPStatus.FORBIDDEN, action,
+                            "This request came from another site; nothing was changed.",
+                            f"To {action}, use the button on {self.config.base_url}/.")
 
     def show_index(self, visit: Visit) -> Response:
         """Step 1: the start page, or what this browser's connection holds."""
@@ -958,7 +1039,9 @@ class OAuthDemo:
                         status=HTTPStatus.SEE_OTHER)
 
     def ping_again(self, visit: Visit) -> Response:
-        """Later: call the API with the kept token and server prefix, no new login needed."""
+        """Later: call the API with the kept token and server prefix, no new login needed;
+        then back to / (so a reload shows the page rather than pinging again)."""
+        self.check_same_origin(visit, "ping again")
         connection = self.store.load(visit.session) if visit.session else None
         if connection is None:
             return redirect("/", status=HTTPStatus.SEE_OTHER)
@@ -968,16 +1051,14 @@ class OAuthDemo:
             if err.mailchimp_status == HTTPStatus.UNAUTHORIZED:  # the user removed the app
                 self.store.delete(visit.session)
             raise
-        pinged_at = utc_now()
-        self.store.record_ping(visit.session, pinged_at, health)
-        connection = replace(connection, pinged_at=pinged_at, health_status=health)
-        return Response(HTTPStatus.OK, connected_page(connection, self.config.notice))
+        kept = self.store.record_ping(visit.session, utc_now(), health)  # unless disconnected
+        renewed = session_cookie(visit.session, secure=self.secure)  # used: 30 more days
+        return redirect("/", *([("Set-Cookie", renewed)] if kept else []),
+                        status=HTTPStatus.SEE_OTHER)
 
     def disconnect(self, visit: Visit) -> Response:
         """Forget this browser's connection (Mailchimp has no endpoint to revoke a token)."""
-        if visit.origin and visit.origin != self.config.base_url:  # SameSite ignores ports
-            raise FlowError(HTTPStatus.FORBIDDEN, "disconnect",
-                            "This request came from another site; nothing was changed.")
+        self.check_same_origin(visit, "disconnect")
         if visit.session:
             self.store.delete(visit.session)
         narrate("disconnect", "forgot this browser's connection; Mailchimp has no endpoint to "
@@ -998,11 +1079,11 @@ MAX_BODY_BYTES = 16 * 1024  # the only bodies are forms of a few fields
 
 SECURITY_HEADERS = (
     ("Cache-Control", "no-store"),  # pages hold account data, URLs hold codes: never cache
-    ("Referrer-Policy", "no-referrer"),  # the callback URL holds the code: don't pass it on
+    # The callback URL holds the code: no other site is told it. Our own forms still carry
+    # their real Origin (under no-referrer a browser sends "Origin: null", even to us).
+    ("Referrer-Policy", "same-origin"),
     ("X-Content-Type-Options", "nosniff"),  # the browser believes our Content-Type, not a guess
-    # No scripts, styles, frames or foreign forms: a missed escape still can't run anything.
-    ("Content-Security-Policy",
-     "default-src 'none'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"),
+    ("Content-Security-Policy", POLICY),  # no scripts, frames or foreign forms; our style only
 )
 
 
@@ -1024,7 +1105,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.answer()
 
     def do_HEAD(self) -> None:
-        self.answer()  # as GET; send() leaves out the body
+        self.answer()  # send() leaves out the body
 
     def do_POST(self) -> None:
         self.answer()
@@ -1035,7 +1116,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         visit = Visit(path, query,
                       session=session_from("; ".join(self.headers.get_all("Cookie") or [])),
                       form=self.read_form(), authorization=self.headers.get("Authorization", ""),
-                      origin=self.headers.get("Origin", ""))
+                      host=self.headers.get("Host", ""), origin=self.headers.get("Origin", ""),
+                      fetch_site=self.headers.get("Sec-Fetch-Site", ""))
         try:
             response = self.server.app.respond(self.command, visit)
         except Exception:  # a bug: the operator gets the traceback, the browser a plain page
@@ -1045,6 +1127,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 HTTPStatus.INTERNAL_SERVER_ERROR, "Something went wrong inside this app; the "
                 "details are in its log."), note="see the traceback above")
         self.send(response)
+
+    def handle_expect_100(self) -> bool:
+        """Send "100 Continue" now: in the write buffer, a client waiting for it would wait
+        until it gave up."""
+        proceed = super().handle_expect_100()
+        self.wfile.flush()
+        return proceed
 
     def read_form(self) -> dict[str, str] | None:
         """The body's fields, if it is a small urlencoded form; any body is consumed or refused."""
@@ -1157,12 +1246,22 @@ def make_server(config: Config, *, host: str = "127.0.0.1", port: int = 3000,
 # Command line
 # ---------------------------------------------------------------------------
 
+ENVIRONMENT = """environment:
+  MAILCHIMP_CLIENT_ID      your app's client_id, from Mailchimp's Registered Apps
+  MAILCHIMP_CLIENT_SECRET  its client_secret (neither is needed with --sandbox)
+  MAILCHIMP_LOGIN_URL      OAuth endpoints (default https://login.mailchimp.com)
+  MAILCHIMP_API_URL        API (default https://{dc}.api.mailchimp.com/3.0)"""
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    """--host, --port, --base-url, --timeout, --store, --quiet, --verbose and --sandbox."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    """--host, --port, --base-url, --timeout, --store, --quiet or --verbose, and --sandbox."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None,
+                                     epilog=ENVIRONMENT,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=port_number, default=3000,
-                        help="port to listen on; 0 picks one")
+                        help="port to listen on; 0 picks one (default 3000)")
     parser.add_argument("--base-url", default="",
                         help="where browsers reach this app (default http://HOST:PORT)")
     parser.add_argument("--timeout", type=positive_seconds, default=10.0,
@@ -1170,10 +1269,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--store", metavar="PATH",
                         help="keep connections in this SQLite database, across restarts "
                         "(default: in memory)")
-    parser.add_argument("--quiet", action="store_true",
-                        help="log warnings only, not each step of a login")
-    parser.add_argument("--verbose", action="store_true",
-                        help="also log every request, the stand-in's included")
+    loudness = parser.add_mutually_exclusive_group()
+    loudness.add_argument("--quiet", action="store_true",
+                          help="log warnings only, not each step of a login")
+    loudness.add_argument("--verbose", action="store_true",
+                          help="also log every request, the stand-in's included")
     parser.add_argument("--sandbox", action="store_true",
                         help="run against a stand-in for Mailchimp on this machine; no account")
     return parser.parse_args(argv)
@@ -1202,8 +1302,9 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] = os.envi
     """Run the demo until Ctrl+C; exit status 2 for a setting that is missing or unsafe."""
     args = parse_args(argv)
     try:
-        if args.host in ("0.0.0.0", "::") and not args.base_url:
-            raise ConfigError(f"--host {args.host} needs --base-url: the address browsers use")
+        if not is_loopback(args.host) and not args.base_url:
+            raise ConfigError(f"--host {args.host} is reachable from other machines, so it "
+                              "needs --base-url https://...: the address browsers use")
         store = Store(args.store) if args.store else Store()
         if args.sandbox:  # the stand-in at the end of this file
             server, app = sandboxed(start_sandbox(), args, store)
@@ -1214,13 +1315,17 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] = os.envi
         print(f"error: {err}", file=sys.stderr)
         return 2
     except OSError as err:  # the port is taken, or the address isn't this machine's
-        print(f"error: cannot listen on {args.host} port {args.port}: {err.strerror}",
+        hint = ": is the app running already? Choose another port with --port" \
+            if err.errno == errno.EADDRINUSE else ""
+        print(f"error: cannot listen on {args.host} port {args.port}: {err.strerror}{hint}",
               file=sys.stderr)
         return 2
     print(f"Mailchimp OAuth 2 demo, listening. Press Ctrl+C to stop.\n"
           f"  open in your browser:      {app.config.base_url}/\n"
-          f"  redirect URI to register:  {app.config.redirect_uri}\n"
-          f"  Mailchimp login server:    {app.config.login_url}", flush=True)
+          + ("  redirect URI (stand-in):   " if args.sandbox else "  redirect URI to register:  ")
+          + f"{app.config.redirect_uri}\n"
+          f"  Mailchimp login server:    {app.config.login_url}\n"
+          f"  connections kept in:       {store.where}", flush=True)
     if app.config.notice:
         print(app.config.notice, flush=True)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
@@ -1256,7 +1361,7 @@ CONSENT = """<p>The app <b>{client_id}</b> wants to access the Mailchimp account
 
 CONSENT_FORM = """<form method="post" action="/oauth2/authorize">
 {fields}<button type="submit" name="decision" value="allow">Allow</button>
-<button type="submit" name="decision" value="deny">Deny</button>
+<button class="quiet" type="submit" name="decision" value="deny">Deny</button>
 </form>"""
 
 HIDDEN = """<input type="hidden" name="{name}" value="{value}">
@@ -1306,9 +1411,8 @@ class Sandbox:
         hidden = "".join(render(HIDDEN, name=name, value=value) for name, value in fields.items())
         content = (render(CONSENT, client_id=self.client_id, redirect_uri=self.redirect_uri)
                    + CONSENT_FORM.format(fields=hidden))
-        app = urllib.parse.urlsplit(self.redirect_uri)  # the form's answer redirects there
-        policy = (f"default-src 'none'; form-action 'self' {app.scheme}://{app.netloc}; "
-                  "frame-ancestors 'none'")
+        app = origin_of(self.redirect_uri)  # the form's answer redirects there
+        policy = POLICY.replace("form-action 'self'", f"form-action 'self' {app}")
         return Response(HTTPStatus.OK, page("Authorize (SANDBOX, not Mailchimp)", content,
                                             SANDBOX_NOTICE),
                         headers=(("Content-Security-Policy", policy),))

@@ -3,14 +3,17 @@ server on a free port with a scripted stand-in for Mailchimp (no network, no moc
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import email.message
+import hashlib
 import html.parser
 import http.client
 import io
 import json
 import logging
 import os
+import re
 import socket
 import sqlite3
 import subprocess
@@ -102,11 +105,25 @@ def test_config_refuses_an_api_url_without_https_or_a_place_for_the_prefix(url: 
         demo.config_from_env({**ENV, "MAILCHIMP_API_URL": url})
 
 
-@pytest.mark.parametrize("base_url", ["127.0.0.1:3000", "http://127.0.0.1:3000/app",
-                                      "http://127.0.0.1:3000/?x", "javascript:alert(1)"])
-def test_config_refuses_a_base_url_that_is_not_an_origin(base_url: str) -> None:
-    with pytest.raises(demo.ConfigError, match="--base-url"):
+@pytest.mark.parametrize("base_url, says", [
+    ("127.0.0.1:3000", "must look like"), ("javascript:alert(1)", "must look like"),
+    ("https://user@demo.example", "must look like"), ("http://127.0.0.1:99999", "must look like"),
+    ("http://127.0.0.1:3000/app", "has a path"), ("http://127.0.0.1:3000/?x", "has a query"),
+    ("http://127.0.0.1:3000#top", "has a fragment"),
+    ("http://example.com", "plain text"), ("http://192.168.1.5:3000", "plain text"),
+])
+def test_config_refuses_a_base_url_that_is_not_a_safe_origin(base_url: str, says: str) -> None:
+    with pytest.raises(demo.ConfigError, match=f"--base-url '{re.escape(base_url)}' .*{says}"):
         demo.config_from_env(ENV, base_url=base_url)
+
+
+@pytest.mark.parametrize("base_url, origin", [
+    ("https://Example.COM:443/", "https://example.com"), ("http://LOCALHOST:80", "http://localhost"),
+    ("http://[::1]:3000", "http://[::1]:3000"), ("https://demo.example:8443", "https://demo.example:8443"),
+])
+def test_config_writes_the_base_url_as_browsers_write_origins(base_url: str, origin: str) -> None:
+    config = demo.config_from_env(ENV, base_url=base_url)
+    assert (config.base_url, config.redirect_uri) == (origin, origin + demo.CALLBACK_PATH)
 
 
 def test_config_never_shows_the_secret_in_its_repr() -> None:
@@ -592,41 +609,104 @@ class Page:
     status: int
     headers: email.message.Message
     text: str
+    url: str
 
     def query(self) -> dict[str, str]:
         location = self.headers["Location"]
         return dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(location).query))
 
 
+def origin(url: str) -> str:
+    parts = urllib.parse.urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}"
+
+
+def form_origin(page: Page, target: str) -> str:
+    """The Origin a browser sends with a form POST from page to target, as the page's own
+    Referrer-Policy decides (Fetch standard, "append a request Origin header")."""
+    policy = page.headers.get("Referrer-Policy", "strict-origin-when-cross-origin")
+    downgrade = page.url.startswith("https:") and target.startswith("http:")
+    if policy == "no-referrer" or (policy == "same-origin" and origin(page.url) != origin(target)) \
+            or (downgrade and policy in ("strict-origin", "strict-origin-when-cross-origin",
+                                         "no-referrer-when-downgrade")):
+        return "null"
+    return origin(page.url)
+
+
+def fetch_site(page_url: str, target: str) -> str:
+    """Sec-Fetch-Site for a request from page_url to target (a site ignores the port)."""
+    if origin(page_url) == origin(target):
+        return "same-origin"
+    here, there = urllib.parse.urlsplit(page_url), urllib.parse.urlsplit(target)
+    same_site = (here.scheme, here.hostname) == (there.scheme, there.hostname)
+    return "same-site" if same_site else "cross-site"
+
+
+def foreign_page(url: str, referrer_policy: str = "") -> Page:
+    """A page of another site, with a form that posts to the app."""
+    headers = email.message.Message()
+    if referrer_policy:
+        headers["Referrer-Policy"] = referrer_policy
+    return Page(HTTPStatus.OK, headers, "", url)
+
+
 class Browser:
     """Just enough of a browser: one cookie jar for 127.0.0.1 (whatever the port, as browsers
-    keep them), follows nothing, one connection a request."""
+    keep them, and sent with every request, as browsers do within a site), follows nothing,
+    one connection a request."""
 
-    def __init__(self, port: int) -> None:
-        self.origin = f"http://127.0.0.1:{port}"
+    def __init__(self, port: int, address: str = "") -> None:
+        self.origin = address or f"http://127.0.0.1:{port}"  # address: as a proxy shows the app
+        self.port = port
         self.cookies: dict[str, str] = {}
 
-    def get(self, target: str, method: str = "GET", headers: dict[str, str] | None = None,
-            body: bytes | None = None) -> Page:
-        url = urllib.parse.urlsplit(urllib.parse.urljoin(self.origin, target))
-        assert url.hostname == "127.0.0.1" and url.port, f"left loopback: {target}"
-        connection = http.client.HTTPConnection(url.hostname, url.port, timeout=10)
+    def request(self, method: str, target: str, body: bytes | None = None,
+                headers: dict[str, str] | None = None) -> Page:
+        url = urllib.parse.urljoin(self.origin, target)
+        parts = urllib.parse.urlsplit(url)
+        host, port = ("127.0.0.1", self.port) if origin(url) == self.origin else (
+            parts.hostname, parts.port)
+        assert host == "127.0.0.1" and port, f"left loopback: {target}"
+        connection = http.client.HTTPConnection(host, port, timeout=10)
         sent = dict(headers or {})
         if self.cookies:
             sent["Cookie"] = "; ".join(f"{name}={value}" for name, value in self.cookies.items())
-        path = url.path + (f"?{url.query}" if url.query else "")
-        connection.request(method, path, body=body, headers=sent)
+        connection.request(method, parts.path + (f"?{parts.query}" if parts.query else ""),
+                           body=body, headers=sent)
         response = connection.getresponse()
         text = response.read().decode()
         connection.close()
         for cookie in response.headers.get_all("Set-Cookie") or []:
             name, _, rest = cookie.partition("=")
             self.cookies[name] = rest.split(";")[0]
-        return Page(response.status, response.headers, text)
+            if "; Max-Age=0" in cookie:
+                del self.cookies[name]
+        return Page(response.status, response.headers, text, url)
 
-    def post_form(self, target: str, fields: dict[str, str]) -> Page:
-        return self.get(target, "POST", body=urllib.parse.urlencode(fields).encode(),
-                        headers={"Content-Type": "application/x-www-form-urlencoded"})
+    def get(self, target: str, **headers: str) -> Page:
+        return self.request("GET", target, headers=headers)
+
+    def submit(self, page: Page, action: str, fields: dict[str, str] | None = None, *,
+               sends: str = "everything") -> Page:
+        """Press a button on page whose form posts to action, with the headers a browser
+        sends: "everything" as Chromium, Firefox and Safari 16.4+ do, "origin" as older
+        Safari (no Sec-Fetch-*), "nothing" as browsers older still."""
+        target = urllib.parse.urljoin(page.url, action)
+        headers = {"Content-Type": "application/x-www-form-urlencoded"}
+        if sends in ("everything", "origin"):
+            headers["Origin"] = form_origin(page, target)
+        if sends == "everything":
+            headers.update({"Sec-Fetch-Site": fetch_site(page.url, target),
+                            "Sec-Fetch-Mode": "navigate", "Sec-Fetch-Dest": "document",
+                            "Sec-Fetch-User": "?1"})
+        return self.request("POST", target, urllib.parse.urlencode(fields or {}).encode(),
+                            headers)
+
+    def press(self, action: str, sends: str = "everything") -> Page:
+        """Open the start page and press its button for action (Ping again, Disconnect)."""
+        page = self.get("/")
+        assert f'<form method="post" action="{action}">' in page.text, "no such button"
+        return self.submit(page, action, sends=sends)
 
     def start_login(self) -> str:
         """Step 2, as the browser sees it; returns the state Mailchimp would send back."""
@@ -638,6 +718,12 @@ class Browser:
     def connect(self) -> Page:
         """Steps 2 to 7 with Mailchimp approving."""
         return self.callback(code=CODE, state=self.start_login())
+
+
+def post_form(url: str, fields: dict[str, str]) -> Page:
+    """A server-to-server form POST, as the app's token request is."""
+    return Browser(0).request("POST", url, urllib.parse.urlencode(fields).encode(),
+                              {"Content-Type": "application/x-www-form-urlencoded"})
 
 
 @pytest.fixture
@@ -775,30 +861,32 @@ def test_the_session_cookie_is_not_secure_on_plain_http(browser: Browser) -> Non
     assert "Secure" not in browser.get("/auth/mailchimp").headers["Set-Cookie"]
 
 
-def test_the_connected_page_offers_ping_again_and_disconnect(browser: Browser) -> None:
+def test_the_connected_page_offers_ping_again_and_disconnect_as_buttons(
+        browser: Browser) -> None:
     browser.connect()
     page = browser.get("/")
-    assert 'href="/ping"' in page.text
-    assert '<form method="post" action="/disconnect">' in page.text
+    for action in ("/ping", "/disconnect"):
+        assert f'<form method="post" action="{action}"><button' in page.text
+    assert "Last ping</dt><dd>" in page.text and "<code>us19</code>" in page.text
 
 
-def test_ping_again_uses_the_kept_token_and_shows_the_fresh_result(
+def test_ping_again_uses_the_kept_token_and_the_page_shows_the_fresh_result(
         browser: Browser, mailchimp: FakeMailchimp) -> None:
     browser.connect()
     mailchimp.sent.clear()
     mailchimp.replies[PING_URL] = (200, {"health_status": "Still Chimpy"})
-    page = browser.get("/ping")
-    assert page.status == HTTPStatus.OK and "Still Chimpy" in page.text
+    page = browser.press("/ping")
+    assert (page.status, page.headers["Location"]) == (HTTPStatus.SEE_OTHER, "/")
     assert [(sent.url, sent.headers["Authorization"]) for sent in mailchimp.sent] == [
         (PING_URL, f"Bearer {TOKEN}")]
-    assert "Still Chimpy" in browser.get("/").text
+    assert ": Still Chimpy</dd>" in browser.get("/").text
 
 
 def test_ping_again_after_the_user_revoked_access_says_so_and_forgets_the_token(
         browser: Browser, mailchimp: FakeMailchimp) -> None:
     browser.connect()
     mailchimp.replies[PING_URL] = (401, {"title": "API Key Invalid", "detail": "Revoked."})
-    page = browser.get("/ping")
+    page = browser.press("/ping")
     assert page.status == HTTPStatus.BAD_GATEWAY
     assert "removed the app" in page.text and "forgotten" in page.text
     assert "Connect with Mailchimp" in browser.get("/").text
@@ -808,27 +896,22 @@ def test_ping_again_that_fails_otherwise_keeps_the_connection(
         browser: Browser, mailchimp: FakeMailchimp) -> None:
     browser.connect()
     mailchimp.replies[PING_URL] = (503, {"title": "Service Unavailable"})
-    assert browser.get("/ping").status == HTTPStatus.BAD_GATEWAY
+    assert browser.press("/ping").status == HTTPStatus.BAD_GATEWAY
     assert "Connected to Mailchimp" in browser.get("/").text
 
 
 def test_ping_again_without_a_connection_goes_to_the_start_page(
         browser: Browser, mailchimp: FakeMailchimp) -> None:
-    page = browser.get("/ping")
+    page = browser.submit(browser.get("/"), "/ping")
     assert (page.status, page.headers["Location"]) == (HTTPStatus.SEE_OTHER, "/")
     assert mailchimp.sent == []
-
-
-def disconnect(browser: Browser, origin: str | None = None) -> Page:
-    return browser.get("/disconnect", "POST", body=b"", headers={
-        "Origin": origin or browser.origin, "Content-Type": "application/x-www-form-urlencoded"})
 
 
 def test_disconnect_forgets_the_connection_and_explains_revoking(
         browser: Browser, mailchimp: FakeMailchimp) -> None:
     browser.connect()
     sent = len(mailchimp.sent)
-    page = disconnect(browser)
+    page = browser.press("/disconnect")
     assert page.status == HTTPStatus.OK
     assert "remove the app in your Mailchimp account" in page.text
     assert "Max-Age=0" in page.headers["Set-Cookie"]
@@ -836,17 +919,51 @@ def test_disconnect_forgets_the_connection_and_explains_revoking(
     assert len(mailchimp.sent) == sent  # nothing to tell Mailchimp: it has no revocation
 
 
-def test_disconnect_from_another_site_changes_nothing(browser: Browser) -> None:
-    browser.connect()
-    page = disconnect(browser, origin="http://127.0.0.1:9999")  # same site, other port
-    assert page.status == HTTPStatus.FORBIDDEN
-    assert "Connected to Mailchimp" in browser.get("/").text
+def test_our_pages_let_the_browser_send_our_origin_with_their_forms(browser: Browser) -> None:
+    page = browser.get("/")  # the Origin follows from the page's own Referrer-Policy
+    assert form_origin(page, f"{browser.origin}/disconnect") == browser.origin
+    assert form_origin(page, "https://other.example/") == "null"  # and nothing for others
 
 
-def test_disconnect_is_post_only(browser: Browser) -> None:
+@pytest.mark.parametrize("action", ["/ping", "/disconnect"])
+@pytest.mark.parametrize("sends", ["everything", "origin", "nothing"])
+def test_the_buttons_work_in_every_browser(browser: Browser, mailchimp: FakeMailchimp,
+                                           action: str, sends: str) -> None:
     browser.connect()
-    assert browser.get("/disconnect").status == HTTPStatus.METHOD_NOT_ALLOWED
+    mailchimp.replies[PING_URL] = (200, {"health_status": "Pinged again"})
+    assert browser.press(action, sends=sends).status in (HTTPStatus.OK, HTTPStatus.SEE_OTHER)
+    after = browser.get("/").text
+    assert ("Pinged again" in after) if action == "/ping" else ("Connect with" in after)
+
+
+@pytest.mark.parametrize("action", ["/ping", "/disconnect"])
+@pytest.mark.parametrize("url, policy, sends", [
+    ("http://127.0.0.1:9999/", "", "everything"),  # same site, other port: SameSite lets it by
+    ("https://evil.example/", "", "everything"),
+    ("http://evil.example/", "", "origin"),  # a browser without Sec-Fetch-*
+    ("http://evil.example/", "no-referrer", "origin"),  # Origin: null
+    ("http://evil.example/", "no-referrer", "everything"),
+])
+def test_the_buttons_pressed_on_another_site_change_nothing(
+        browser: Browser, mailchimp: FakeMailchimp, action: str, url: str, policy: str,
+        sends: str) -> None:
+    browser.connect()
+    sent = len(mailchimp.sent)
+    page = browser.submit(foreign_page(url, policy), urllib.parse.urljoin(browser.origin, action),
+                          sends=sends)
+    assert page.status == HTTPStatus.FORBIDDEN and "another site" in page.text
     assert "Connected to Mailchimp" in browser.get("/").text
+    assert len(mailchimp.sent) == sent  # and nothing went to Mailchimp
+
+
+@pytest.mark.parametrize("action", ["/ping", "/disconnect"])
+def test_get_on_a_button_changes_nothing(browser: Browser, mailchimp: FakeMailchimp,
+                                         action: str) -> None:
+    browser.connect()
+    sent = len(mailchimp.sent)
+    page = browser.get(action)
+    assert (page.status, page.headers["Allow"]) == (HTTPStatus.METHOD_NOT_ALLOWED, "POST")
+    assert "Connected to Mailchimp" in browser.get("/").text and len(mailchimp.sent) == sent
 
 
 def test_a_restart_with_the_same_store_keeps_the_user_connected(
@@ -860,9 +977,9 @@ def test_a_restart_with_the_same_store_keeps_the_user_connected(
     assert f"kept its token and server prefix in {path}," in log.text
     second, _ = demo.make_server(config, port=0, opener=mailchimp, store=demo.Store(path))
     with serving(second):
-        browser.origin = second.origin
+        browser.origin, browser.port = second.origin, second.server_port
         assert "Freddie&#x27;s Jokes" in browser.get("/").text
-        assert browser.get("/ping").status == HTTPStatus.OK
+        assert browser.press("/ping").status == HTTPStatus.SEE_OTHER
 
 
 def test_parallel_logins_are_all_kept(mailchimp: FakeMailchimp, tmp_path: Any) -> None:
@@ -1179,9 +1296,17 @@ def test_every_response_carries_the_safety_headers(browser: Browser, target: str
     assert page.headers["Content-Type"] == "text/html; charset=utf-8"
     assert page.headers["Content-Length"] == str(len(page.text.encode()))
     assert page.headers["Cache-Control"] == "no-store"
-    assert page.headers["Referrer-Policy"] == "no-referrer"
+    assert page.headers["Referrer-Policy"] == "same-origin"
     assert page.headers["X-Content-Type-Options"] == "nosniff"
     assert "default-src 'none'" in page.headers["Content-Security-Policy"]
+
+
+def test_the_policy_allows_exactly_the_stylesheet_the_page_carries(browser: Browser) -> None:
+    page = browser.get("/")
+    [style] = re.findall(r"<style>(.*?)</style>", page.text, re.DOTALL)
+    digest = base64.b64encode(hashlib.sha256(style.encode()).digest()).decode()
+    policy = page.headers["Content-Security-Policy"]
+    assert f"style-src 'sha256-{digest}';" in policy and "script-src" not in policy
 
 
 def test_unknown_path_is_404(browser: Browser) -> None:
@@ -1189,20 +1314,77 @@ def test_unknown_path_is_404(browser: Browser) -> None:
 
 
 def test_head_answers_like_get_without_a_body(browser: Browser) -> None:
-    get, head = browser.get("/"), browser.get("/", method="HEAD")
+    get, head = browser.get("/"), browser.request("HEAD", "/")
     assert head.status == HTTPStatus.OK and head.text == ""
     assert head.headers["Content-Length"] == get.headers["Content-Length"]
 
 
+def test_head_neither_starts_nor_finishes_a_login(browser: Browser,
+                                                 mailchimp: FakeMailchimp) -> None:
+    head = browser.request("HEAD", "/auth/mailchimp")
+    assert (head.status, head.headers["Allow"]) == (HTTPStatus.METHOD_NOT_ALLOWED, "GET")
+    assert "Set-Cookie" not in head.headers
+    state = browser.start_login()
+    head = browser.request("HEAD", f"{demo.CALLBACK_PATH}?code={CODE}&state={state}")
+    assert head.status == HTTPStatus.METHOD_NOT_ALLOWED and mailchimp.sent == []
+    assert browser.callback(code=CODE, state=state).status == HTTPStatus.SEE_OTHER
+
+
+def test_expect_100_continue_is_answered_before_the_body_is_sent(server: demo.Server) -> None:
+    with socket.create_connection(("127.0.0.1", server.server_port), timeout=10) as sock:
+        sock.sendall(b"POST /disconnect HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+                     b"Content-Type: application/x-www-form-urlencoded\r\n"
+                     b"Content-Length: 3\r\n\r\n")
+        assert sock.recv(25) == b"HTTP/1.1 100 Continue\r\n\r\n"  # before any body
+        sock.sendall(b"a=1")
+        assert sock.recv(65536).startswith(b"HTTP/1.1 200 ")
+
+
+@pytest.mark.parametrize("name", ["localhost", "[::1]", "127.0.0.2", "LocalHost"])
+def test_another_loopback_name_is_sent_to_the_base_url_before_the_login_starts(
+        browser: Browser, server: demo.Server, name: str) -> None:
+    for path in ("/", "/auth/mailchimp"):
+        page = browser.get(path, Host=f"{name}:{server.server_port}")
+        assert (page.status, page.headers["Location"]) == (HTTPStatus.FOUND,
+                                                           server.origin + path)
+        assert "Set-Cookie" not in page.headers
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1:{port}", "localhost:1", "localhost",
+                                  "evil.example:{port}", "localhost:x", "", "[::1"])
+def test_any_other_host_is_answered_where_it_is_never_redirected(
+        browser: Browser, server: demo.Server, host: str) -> None:
+    page = browser.get("/", Host=host.format(port=server.server_port))
+    assert page.status == HTTPStatus.OK and "Location" not in page.headers
+
+
+def test_behind_a_tls_proxy_no_host_is_redirected(mailchimp: FakeMailchimp) -> None:
+    config = demo.Config(CLIENT_ID, CLIENT_SECRET, base_url="https://demo.example")
+    server, _ = demo.make_server(config, port=0, opener=mailchimp)
+    with serving(server):
+        assert Browser(server.server_port).get("/", Host="localhost").status == HTTPStatus.OK
+
+
+def test_a_base_url_written_oddly_still_accepts_its_own_pages_buttons(
+        mailchimp: FakeMailchimp) -> None:
+    config = demo.config_from_env(ENV, base_url="https://Demo.Example:443")
+    server, _ = demo.make_server(config, port=0, opener=mailchimp)
+    with serving(server):
+        browser = Browser(server.server_port, "https://demo.example")  # through a TLS proxy
+        browser.connect()
+        assert browser.press("/disconnect").status == HTTPStatus.OK
+        assert "Connect with Mailchimp" in browser.get("/").text
+
+
 def test_post_to_a_page_is_405_naming_the_allowed_methods(browser: Browser) -> None:
-    page = browser.get("/", method="POST")
+    page = browser.request("POST", "/")
     assert page.status == HTTPStatus.METHOD_NOT_ALLOWED
     assert page.headers["Allow"] == "GET, HEAD"
 
 
 @pytest.mark.parametrize("method", ["PUT", "DELETE", "BREW"])
 def test_other_methods_are_refused_cleanly(browser: Browser, method: str) -> None:
-    page = browser.get("/", method=method)
+    page = browser.request(method, "/")
     assert page.status == HTTPStatus.NOT_IMPLEMENTED and "Traceback" not in page.text
 
 
@@ -1309,9 +1491,10 @@ def test_startup_prints_the_url_and_the_redirect_uri_to_register_and_nothing_sec
     watchdog.start()
     try:
         assert process.stdout is not None
-        lines = [process.stdout.readline() for _ in range(4)]
+        lines = [process.stdout.readline() for _ in range(5)]
         url = lines[1].split()[-1]
         assert lines[2].split()[-1] == url.rstrip("/") + demo.CALLBACK_PATH
+        assert "to register" in lines[2] and lines[4].split()[-1] == "memory"
         with urllib.request.urlopen(url, timeout=10) as answer:
             assert answer.status == HTTPStatus.OK
         assert CLIENT_SECRET not in "".join(lines)
@@ -1326,6 +1509,8 @@ def test_startup_prints_the_url_and_the_redirect_uri_to_register_and_nothing_sec
     ({"MAILCHIMP_CLIENT_ID": CLIENT_ID}, [], "MAILCHIMP_CLIENT_SECRET is not set"),
     ({**ENV, "MAILCHIMP_LOGIN_URL": "http://login.example.com"}, [], "must use https://"),
     (ENV, ["--host", "0.0.0.0"], "needs --base-url"),
+    (ENV, ["--host", "192.168.1.5"], "needs --base-url"),
+    (ENV, ["--base-url", "http://192.168.1.5:3000"], "plain text"),
 ])
 def test_a_bad_setting_is_one_line_and_exit_status_2(
         env: dict[str, str], args: list[str], says: str,
@@ -1350,6 +1535,7 @@ def test_a_store_it_cannot_read_stops_startup_with_one_line(
     (["--port", "70000"], "0 to 65535"), (["--port", "-1"], "0 to 65535"),
     (["--port", "\u0663"], "0 to 65535"), (["--timeout", "0"], "more than 0"),
     (["--timeout", "inf"], "at most 300"), (["--timeout", "nan"], "more than 0"),
+    (["--quiet", "--verbose"], "not allowed with"),
 ])
 def test_a_bad_option_is_refused_before_anything_starts(
         args: list[str], says: str, capsys: pytest.CaptureFixture[str]) -> None:
@@ -1361,7 +1547,17 @@ def test_a_bad_option_is_refused_before_anything_starts(
 def test_a_port_in_use_is_one_line_and_exit_status_2(
         server: demo.Server, capsys: pytest.CaptureFixture[str]) -> None:
     assert demo.main(["--port", str(server.server_port)], environ=ENV) == 2
-    assert "cannot listen" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "cannot listen" in err and "--port" in err and err.count("\n") == 1
+
+
+def test_help_names_the_environment_and_the_defaults(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        demo.main(["--help"])
+    text = capsys.readouterr().out
+    for variable in ("MAILCHIMP_CLIENT_ID", "MAILCHIMP_CLIENT_SECRET", "MAILCHIMP_LOGIN_URL",
+                     "MAILCHIMP_API_URL", "default 127.0.0.1", "default 3000"):
+        assert variable in text
 
 
 def test_starting_up_asks_no_resolver_for_a_name(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -1397,10 +1593,9 @@ class ConsentForm(html.parser.HTMLParser):
 def decide(browser: Browser, decision: str) -> str:
     """Step 2 and the consent page, as a person does them; returns where the stand-in sends
     the browser back to (the callback, with a code or an error)."""
-    consent_url = browser.get("/auth/mailchimp").headers["Location"]
-    form = ConsentForm(browser.get(consent_url).text)
-    answer = browser.post_form(urllib.parse.urljoin(consent_url, form.action),
-                               {**form.fields, "decision": decision})
+    consent = browser.get(browser.get("/auth/mailchimp").headers["Location"])
+    form = ConsentForm(consent.text)
+    answer = browser.submit(consent, form.action, {**form.fields, "decision": decision})
     assert answer.status == HTTPStatus.FOUND, answer.text
     return str(answer.headers["Location"])
 
@@ -1498,7 +1693,7 @@ def token_fields(sandbox: demo.Sandbox, **changes: str) -> dict[str, str]:
 
 
 def test_stand_in_token_answers_mailchimps_shape(stand_in: demo.Sandbox) -> None:
-    page = Browser(0).post_form(f"{stand_in.url}/oauth2/token", token_fields(stand_in))
+    page = post_form(f"{stand_in.url}/oauth2/token", token_fields(stand_in))
     answer = json.loads(page.text)
     assert page.status == HTTPStatus.OK and set(answer) == {"access_token", "expires_in", "scope"}
     assert (answer["expires_in"], answer["scope"]) == (0, None)
@@ -1515,29 +1710,29 @@ def test_stand_in_token_answers_mailchimps_shape(stand_in: demo.Sandbox) -> None
 ])
 def test_stand_in_token_refuses_what_mailchimp_refuses(
         stand_in: demo.Sandbox, changes: dict[str, str], status: int, error: str) -> None:
-    page = Browser(0).post_form(f"{stand_in.url}/oauth2/token", token_fields(stand_in, **changes))
+    page = post_form(f"{stand_in.url}/oauth2/token", token_fields(stand_in, **changes))
     assert (page.status, json.loads(page.text)["error"]) == (status, error)
 
 
 def test_stand_in_token_refuses_json(stand_in: demo.Sandbox) -> None:
-    page = Browser(0).get(f"{stand_in.url}/oauth2/token", "POST",
-                          body=json.dumps(token_fields(stand_in)).encode(),
-                          headers={"Content-Type": "application/json"})
+    page = Browser(0).request("POST", f"{stand_in.url}/oauth2/token",
+                              json.dumps(token_fields(stand_in)).encode(),
+                              {"Content-Type": "application/json"})
     assert (page.status, json.loads(page.text)["error"]) == (400, "invalid_request")
 
 
 def test_stand_in_codes_are_single_use_and_expire(stand_in: demo.Sandbox, clock: Clock) -> None:
     fields = token_fields(stand_in)
     url = f"{stand_in.url}/oauth2/token"
-    assert Browser(0).post_form(url, fields).status == HTTPStatus.OK
-    assert json.loads(Browser(0).post_form(url, fields).text)["error"] == "invalid_grant"
+    assert post_form(url, fields).status == HTTPStatus.OK
+    assert json.loads(post_form(url, fields).text)["error"] == "invalid_grant"
     late = token_fields(stand_in)
     clock.now += demo.LOGIN_LIFETIME + 1
-    assert json.loads(Browser(0).post_form(url, late).text)["error"] == "invalid_grant"
+    assert json.loads(post_form(url, late).text)["error"] == "invalid_grant"
 
 
 def issued_token(sandbox: demo.Sandbox) -> str:
-    page = Browser(0).post_form(f"{sandbox.url}/oauth2/token", token_fields(sandbox))
+    page = post_form(f"{sandbox.url}/oauth2/token", token_fields(sandbox))
     return str(json.loads(page.text)["access_token"])
 
 
@@ -1546,7 +1741,7 @@ def test_stand_in_metadata_wants_the_oauth_scheme(stand_in: demo.Sandbox, scheme
                                                   status: int) -> None:
     token = issued_token(stand_in)
     page = Browser(0).get(f"{stand_in.url}/oauth2/metadata",
-                          headers={"Authorization": f"{scheme} {token}".strip()})
+                          Authorization=f"{scheme} {token}".strip())
     assert page.status == status
     if status == 200:
         assert json.loads(page.text)["dc"] == demo.SANDBOX_PREFIX
@@ -1561,7 +1756,7 @@ def test_stand_in_ping_wants_an_issued_token(stand_in: demo.Sandbox, authorizati
                                              status: int, says: str) -> None:
     header = authorization.format(token=issued_token(stand_in))
     page = Browser(0).get(f"{stand_in.url}/{demo.SANDBOX_PREFIX}/3.0/ping",
-                          headers={"Authorization": header} if header else {})
+                          **({"Authorization": header} if header else {}))
     assert page.status == status and says in page.text
     if status == 401:
         assert page.headers["Content-Type"].startswith("application/problem+json")
@@ -1574,7 +1769,7 @@ def run_sandbox_login(*args: str) -> str:
     watchdog.start()
     try:
         assert process.stdout is not None
-        lines = [process.stdout.readline() for _ in range(5)]
+        lines = [process.stdout.readline() for _ in range(6)]
         browser = Browser(int(lines[1].split()[-1].rstrip("/").rsplit(":", 1)[1]))
         assert click(browser, "allow").status == HTTPStatus.SEE_OTHER
     finally:
@@ -1600,8 +1795,8 @@ def test_sandbox_command_runs_the_whole_flow_offline_with_no_settings() -> None:
     watchdog.start()
     try:
         assert process.stdout is not None
-        lines = [process.stdout.readline() for _ in range(5)]
-        assert "SANDBOX" in lines[4]
+        lines = [process.stdout.readline() for _ in range(6)]
+        assert "SANDBOX" in lines[5] and "stand-in" in lines[2] and "register" not in lines[2]
         browser = Browser(int(lines[1].split()[-1].rstrip("/").rsplit(":", 1)[1]))
         assert click(browser, "allow").status == HTTPStatus.SEE_OTHER
         assert "Sandbox Account" in browser.get("/").text
