@@ -41,18 +41,23 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
+import email.message
 import errno
 import hashlib
 import hmac
 import html
 import http.client
 import http.server
+import io
 import ipaddress
 import json
 import logging
+import math
 import os
 import re
 import secrets
+import signal
 import socket
 import socketserver
 import sqlite3
@@ -64,7 +69,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import astuple, dataclass, field, replace
 from http import HTTPStatus
 from typing import Any, Protocol
@@ -907,6 +912,7 @@ class OAuthDemo:
         self.store = store
         self.logins = logins
         self.secure = config.base_url.startswith("https:")  # then cookies are Secure too
+        self.netloc = urllib.parse.urlsplit(config.base_url).netloc  # its Host header
         self.welcome = page("Mailchimp OAuth 2 demo", WELCOME, config.notice)  # built once
         self.routes = {  # HEAD only where GET changes nothing: a link checker's HEAD must
             "/": {"GET": self.show_index, "HEAD": self.show_index},  # not spend a login
@@ -930,6 +936,8 @@ class OAuthDemo:
     def is_loopback_alias(self, host_header: str) -> bool:
         """Whether the browser reached us by another loopback name for the same port
         (localhost for 127.0.0.1, say). Only then is Host trusted, and only as a yes or no."""
+        if host_header == self.netloc:
+            return False  # the name it should be: the usual case, answered quickly
         ours = urllib.parse.urlsplit(self.config.base_url)
         try:
             theirs = urllib.parse.urlsplit("//" + host_header)
@@ -1076,6 +1084,7 @@ class OAuthDemo:
 # ---------------------------------------------------------------------------
 
 MAX_BODY_BYTES = 16 * 1024  # the only bodies are forms of a few fields
+MAX_HEAD_BYTES = 32 * 1024  # request line and headers; a browser's are 1 to 8 KiB
 
 SECURITY_HEADERS = (
     ("Cache-Control", "no-store"),  # pages hold account data, URLs hold codes: never cache
@@ -1085,6 +1094,72 @@ SECURITY_HEADERS = (
     ("X-Content-Type-Options", "nosniff"),  # the browser believes our Content-Type, not a guess
     ("Content-Security-Policy", POLICY),  # no scripts, frames or foreign forms; our style only
 )
+
+
+class HeadTooLarge(Exception):
+    """The request line and headers went past MAX_HEAD_BYTES."""
+
+
+class RequestInput(io.RawIOBase):
+    """A connection's input, under two limits for each request: all of it must arrive by a
+    deadline, however slowly the bytes trickle in (slowloris), and its head within
+    MAX_HEAD_BYTES, however many header lines a client sends."""
+
+    def __init__(self, sock: socket.socket, seconds: float) -> None:
+        self.sock, self.seconds, self.timeout = sock, seconds, seconds
+        self.sock.settimeout(seconds)
+        self.deadline = 0.0
+        self.head_left = 0  # bytes the head may still take; -1 once the head is read
+        self.hung_up = False  # the client closed the connection with its head unfinished
+
+    def expect_request(self) -> None:
+        """The clock starts: for the first request, at connect; then, at the last answer."""
+        self.deadline, self.head_left = time.monotonic() + self.seconds, MAX_HEAD_BYTES
+        self.hung_up = False
+
+    def head_read(self) -> None:
+        self.head_left = -1
+
+    def request_read(self) -> None:
+        self.deadline = math.inf
+        if self.timeout != self.seconds:
+            self.timeout = self.seconds
+            self.sock.settimeout(self.seconds)  # for writing the answer
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            # http.server closes the connection; on Python 3.9 it catches only socket.timeout
+            raise socket.timeout("the request did not arrive in time")  # noqa: UP041
+        if self.head_left == 0:
+            raise HeadTooLarge
+        if left < self.timeout - 1:  # near the deadline, no read may outlast it (by over 1 s;
+            self.timeout = left  # settimeout lets go of the GIL: too dear for every read)
+            self.sock.settimeout(left)
+        size = len(buffer) if self.head_left < 0 else min(len(buffer), self.head_left)
+        received = self.sock.recv_into(buffer, size)  # counting what arrives with the head
+        if self.head_left >= 0:
+            self.head_left -= received
+            self.hung_up = received == 0
+        return received
+
+
+def framing_problem(headers: email.message.Message) -> str:
+    """Why a request's length is ambiguous (RFC 9112 §5, §6.3), or "". Two readers of one
+    ambiguous request can disagree on where it ends: the rest is smuggled in as another."""
+    if headers.defects:  # a line with no colon, or a space before it: the parser stopped there
+        return "a header line is malformed"
+    if any("\n" in value for value in headers.values()):
+        return "a header is folded over two lines"
+    lengths = headers.get_all("Content-Length") or []
+    if len(lengths) > 1 or not all(re.fullmatch(r"[0-9]{1,9}", length) for length in lengths):
+        return "Content-Length is repeated or not a number"
+    if "Transfer-Encoding" in headers:
+        return "Transfer-Encoding is not accepted on requests"
+    return ""
 
 
 class Handler(http.server.BaseHTTPRequestHandler):
@@ -1098,8 +1173,35 @@ class Handler(http.server.BaseHTTPRequestHandler):
     server: Server
 
     def setup(self) -> None:
-        super().setup()
-        self.connection.settimeout(self.server.idle_timeout)  # a silent client lets go
+        """http.server's streams, with input under the limits of RequestInput."""
+        self.connection = self.request
+        self.input = RequestInput(self.connection, self.server.request_timeout)
+        self.rfile = io.BufferedReader(self.input)
+        self.wfile = self.connection.makefile("wb", self.wbufsize)
+
+    def handle_one_request(self) -> None:
+        """http.server's, with the clock started and a head past MAX_HEAD_BYTES refused."""
+        self.input.expect_request()
+        try:
+            super().handle_one_request()
+        except HeadTooLarge:
+            self.command, self.request_version = "", self.default_request_version
+            self.refuse(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE,
+                        f"a request head over {MAX_HEAD_BYTES} bytes")
+
+    def parse_request(self) -> bool:
+        """http.server's parsing, then the framing rules it leaves out; nothing for a client
+        that hung up half-way through its head (there is no one to answer)."""
+        parsed = not self.input.hung_up and super().parse_request()
+        self.input.head_read()
+        if self.input.hung_up:
+            self.close_connection = True
+            logger.debug("%s%s hung up mid-request", self.server.label, self.client_address[0])
+            return False
+        problem = framing_problem(self.headers) if parsed else ""
+        if problem:
+            self.refuse(HTTPStatus.BAD_REQUEST, problem)
+        return parsed and not problem
 
     def do_GET(self) -> None:
         self.answer()
@@ -1111,22 +1213,26 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.answer()
 
     def answer(self) -> None:
-        """Turn the request into a Visit and send the app's Response."""
+        """Turn the request into a Visit and send the app's Response, all before a stop."""
         path, _, query = self.path.partition("?")
+        form = self.read_form()
+        self.input.request_read()
         visit = Visit(path, query,
                       session=session_from("; ".join(self.headers.get_all("Cookie") or [])),
-                      form=self.read_form(), authorization=self.headers.get("Authorization", ""),
+                      form=form, authorization=self.headers.get("Authorization", ""),
                       host=self.headers.get("Host", ""), origin=self.headers.get("Origin", ""),
                       fetch_site=self.headers.get("Sec-Fetch-Site", ""))
-        try:
-            response = self.server.app.respond(self.command, visit)
-        except Exception:  # a bug: the operator gets the traceback, the browser a plain page
-            logger.exception("%sbug while answering %s %s", self.server.label, self.command,
-                             printable(path, 100))
-            response = Response(HTTPStatus.INTERNAL_SERVER_ERROR, problem_page(
-                HTTPStatus.INTERNAL_SERVER_ERROR, "Something went wrong inside this app; the "
-                "details are in its log."), note="see the traceback above")
-        self.send(response)
+        with self.server.in_flight():
+            try:
+                response = self.server.app.respond(self.command, visit)
+            except Exception:  # a bug: the operator gets the traceback, the browser a page
+                logger.exception("%sbug while answering %s %s", self.server.label,
+                                 self.command, printable(path, 100))
+                response = Response(HTTPStatus.INTERNAL_SERVER_ERROR, problem_page(
+                    HTTPStatus.INTERNAL_SERVER_ERROR, "Something went wrong inside this app; "
+                    "the details are in its log."), note="see the traceback above")
+            self.send(response)
+            self.wfile.flush()
 
     def handle_expect_100(self) -> bool:
         """Send "100 Continue" now: in the write buffer, a client waiting for it would wait
@@ -1137,12 +1243,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def read_form(self) -> dict[str, str] | None:
         """The body's fields, if it is a small urlencoded form; any body is consumed or refused."""
-        length = self.headers.get("Content-Length", "0")
-        if "Transfer-Encoding" in self.headers or not re.fullmatch(r"[0-9]{1,9}", length) \
-                or int(length) > MAX_BODY_BYTES:
+        length = int(self.headers.get("Content-Length", "0"))  # a number: parse_request saw
+        if length > MAX_BODY_BYTES:
             self.close_connection = True  # an unread body must not be parsed as the next request
             return None
-        body = self.rfile.read(int(length))
+        body = self.rfile.read(length)
         if self.headers.get_content_type() != "application/x-www-form-urlencoded":
             return None
         try:
@@ -1170,10 +1275,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
                    explain: str | None = None) -> None:
         """http.server's own refusals (malformed request, unknown method, ...) as our page.
         Its message can quote the request line, query string and all, so it is not shown."""
-        status = HTTPStatus(code)
-        self.close_connection = True  # after a malformed request the stream can't be trusted
-        self.send(Response(status, problem_page(status, status.description),
-                           note="http.server refused the request"))
+        self.refuse(HTTPStatus(code), "http.server refused the request")
+
+    def refuse(self, status: HTTPStatus, why: str) -> None:
+        """Refuse a request we could not read, and close: the stream can't be trusted now."""
+        self.close_connection = True
+        self.send(Response(status, problem_page(status, status.description), note=why))
 
     def log_response(self, response: Response) -> None:
         """One line a request: who, what, the status, and why; never the query string.
@@ -1202,19 +1309,75 @@ class App(Protocol):
 
 
 class Server(http.server.ThreadingHTTPServer):
-    """A thread per connection, every request answered by one app."""
+    """A thread per connection, every request answered by one app, within bounds: at most
+    max_connections at once, each request given request_timeout seconds to arrive."""
 
-    daemon_threads = True  # Ctrl+C doesn't wait for idle keep-alive connections
+    daemon_threads = True  # a stop doesn't wait for idle keep-alive connections
+    request_queue_size = 1024  # the listen backlog: a burst of browsers waits, not refused
     app: App
 
-    def __init__(self, address: tuple[str, int], *, idle_timeout: float = 10.0,
-                 label: str = "") -> None:
+    def __init__(self, address: tuple[str, int], *, request_timeout: float = 10.0,
+                 max_connections: int = 0, label: str = "") -> None:
         self.host = address[0]
-        self.idle_timeout = idle_timeout
+        self.request_timeout = request_timeout
         self.label = label  # a prefix for its log lines
+        self.max_connections = max_connections or connection_cap()
+        self.connections = 0
+        self.full = False  # reached max_connections, and not yet back down to half of it
+        self.room = threading.Condition()  # notified when a connection closes
+        self.working = 0
+        self.idle = threading.Condition()  # notified when a request has been answered
         if ":" in self.host:
             self.address_family = socket.AF_INET6
         super().__init__(address, Handler)
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        """Accept a connection if there is room; if not, new ones wait in the backlog (this
+        waits for room half a second at a time, so that a stop is heard, and never spins)."""
+        with self.room:
+            if not self.room.wait_for(lambda: self.connections < self.max_connections, 0.5):
+                raise OSError("no room for another connection")  # serve_forever tries again
+            request = super().get_request()
+            self.connections += 1
+            if self.connections == self.max_connections and not self.full:
+                self.full = True  # said once for a siege, not at each connection it replaces
+                logger.warning("%sserving %d connections, the most it will; new ones wait",
+                               self.label, self.max_connections)
+        return request
+
+    def close_request(self, request: Any) -> None:
+        super().close_request(request)
+        with self.room:
+            self.connections -= 1
+            if self.full and self.connections <= self.max_connections // 2:
+                self.full = False
+                logger.warning("%sdown to %d connections", self.label, self.connections)
+            self.room.notify()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that hangs up or resets mid-request is no news: one DEBUG line. Anything
+        else is a bug, and its traceback goes to the log."""
+        if isinstance(sys.exc_info()[1], OSError):
+            logger.debug("%s%s went away: %s", self.label, client_address[0], sys.exc_info()[1])
+        else:
+            logger.exception("%sbug while serving %s", self.label, client_address[0])
+
+    @contextlib.contextmanager
+    def in_flight(self) -> Iterator[None]:
+        """Count a request as being answered, so a stop can wait for it."""
+        with self.idle:
+            self.working += 1
+        try:
+            yield
+        finally:
+            with self.idle:
+                self.working -= 1
+                self.idle.notify_all()
+
+    def finish_requests(self, seconds: float) -> bool:
+        """Wait for the requests being answered, up to seconds; whether they all finished."""
+        with self.idle:
+            return self.idle.wait_for(lambda: self.working == 0, seconds)
 
     def server_bind(self) -> None:
         """Bind, skipping http.server's reverse DNS lookup of our own address: nothing here
@@ -1229,12 +1392,25 @@ class Server(http.server.ThreadingHTTPServer):
         return f"http://{host}:{self.server_port}"
 
 
+def connection_cap() -> int:
+    """How many connections to serve at once: each can hold three open files (its socket,
+    one to Mailchimp and, in the sandbox, the stand-in's end of that), and 64 are kept for
+    the store, the log and Python. Past the open-file limit, accept() fails in a busy loop."""
+    try:
+        import resource  # POSIX only
+    except ImportError:
+        return 500
+    files, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return 1000 if files == resource.RLIM_INFINITY else max(4, min(1000, (files - 64) // 3))
+
+
 def make_server(config: Config, *, host: str = "127.0.0.1", port: int = 3000,
                 opener: Opener | None = None, store: Store | None = None,
-                logins: PendingLogins | None = None,
-                idle_timeout: float = 10.0) -> tuple[Server, OAuthDemo]:
+                logins: PendingLogins | None = None, request_timeout: float = 10.0,
+                max_connections: int = 0) -> tuple[Server, OAuthDemo]:
     """Bind (port 0 picks a free port), then build the app for the address actually bound."""
-    server = Server((host, port), idle_timeout=idle_timeout)
+    server = Server((host, port), request_timeout=request_timeout,
+                    max_connections=max_connections)
     server.app = app = OAuthDemo(
         replace(config, base_url=config.base_url or server.origin),
         opener=opener or urllib.request.build_opener(),
@@ -1298,6 +1474,9 @@ def positive_seconds(text: str) -> float:
     return value
 
 
+STOP_SECONDS = 5.0  # how long a stop waits for the requests being answered
+
+
 def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] = os.environ) -> int:
     """Run the demo until Ctrl+C; exit status 2 for a setting that is missing or unsafe."""
     args = parse_args(argv)
@@ -1331,12 +1510,15 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] = os.envi
     logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     logger.setLevel(logging.WARNING if args.quiet else
                     logging.DEBUG if args.verbose else logging.INFO)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # systemd, docker: as Ctrl+C
     try:
         server.serve_forever()
     except KeyboardInterrupt:
-        print("stopped")
-    finally:
-        server.server_close()
+        server.server_close()  # no new connections; the requests being answered finish
+        print("stopping: finishing the requests being answered", flush=True)
+        if not server.finish_requests(STOP_SECONDS):
+            print(f"requests still unanswered after {STOP_SECONDS:g} s were dropped")
+        print("stopped", flush=True)
     return 0
 
 

@@ -14,16 +14,20 @@ import json
 import logging
 import os
 import re
+import select
+import signal
 import socket
 import sqlite3
+import struct
 import subprocess
 import sys
 import threading
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
 import urllib.response
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from http import HTTPStatus
 from typing import Any
@@ -296,9 +300,11 @@ class FakeMailchimp:
             METADATA_URL: (200, METADATA),
             PING_URL: (200, {"health_status": "Everything's Chimpy!"}),
         }
+        self.before: Callable[[str], object] = lambda url: None  # a test's hook: hold a call
 
     def open(self, request: urllib.request.Request, /, *, timeout: float) -> Any:
         data = request.data if isinstance(request.data, bytes) else b""
+        self.before(request.full_url)
         self.sent.append(Sent(request.get_method(), request.full_url,
                               {name.title(): value for name, value in request.header_items()},
                               urllib.parse.parse_qs(data.decode()), timeout))
@@ -752,7 +758,7 @@ def serving(server: demo.Server) -> Iterator[demo.Server]:
 @pytest.fixture
 def server(mailchimp: FakeMailchimp, clock: Clock) -> Iterator[demo.Server]:
     config = demo.Config(client_id=CLIENT_ID, client_secret=CLIENT_SECRET)
-    server, _ = demo.make_server(config, port=0, opener=mailchimp, idle_timeout=0.5,
+    server, _ = demo.make_server(config, port=0, opener=mailchimp, request_timeout=0.5,
                                  logins=demo.PendingLogins(clock=clock))
     with serving(server):
         yield server
@@ -1388,6 +1394,15 @@ def test_other_methods_are_refused_cleanly(browser: Browser, method: str) -> Non
     assert page.status == HTTPStatus.NOT_IMPLEMENTED and "Traceback" not in page.text
 
 
+def eventually(check: Callable[[], bool]) -> bool:
+    """Whether check() comes true within 10 s: for what the server's threads do in their
+    own time."""
+    deadline = time.monotonic() + 10
+    while not check() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return check()
+
+
 def raw_exchange(port: int, data: bytes) -> bytes:
     """Send raw bytes, say that's all, and read until the server closes (or 10 s pass)."""
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
@@ -1425,18 +1440,58 @@ def test_hostile_requests_get_a_clean_answer_and_the_server_keeps_serving(
     assert browser.get("/").status == HTTPStatus.OK
 
 
-@pytest.mark.parametrize("headers", [
-    b"Content-Length: 44\r\n",  # read as this request's body
-    b"Content-Length: 99999999\r\n",  # too big to read: the connection closes instead
-    b"Transfer-Encoding: chunked\r\n",  # not supported: the connection closes instead
-    b"Content-Length: -1\r\n",
+@pytest.mark.parametrize("headers, status", [
+    (b"Content-Length: 44\r\n", 200),  # read as this request's body
+    (b"Content-Length: 99999999\r\n", 200),  # too big to read: the connection closes instead
+    (b"Transfer-Encoding: chunked\r\n", 400),
+    (b"Content-Length: -1\r\n", 400),
+    (b"Content-Length: 0\r\nContent-Length: 44\r\n", 400),  # which one?
+    (b"Content-Length : 44\r\n", 400),  # a space before the colon
+    (b"X-No-Colon\r\nContent-Length: 44\r\n", 400),  # the parser would stop at this line
+    (b"X-Folded: a\r\n b\r\n", 400),  # obsolete line folding
 ])
 def test_a_request_body_is_never_read_as_the_next_request(server: demo.Server,
-                                                          headers: bytes) -> None:
+                                                          headers: bytes, status: int) -> None:
     smuggled = (b"GET / HTTP/1.1\r\nHost: x\r\n" + headers + b"\r\n"
                 b"GET /auth/mailchimp HTTP/1.1\r\nHost: x\r\n\r\n")
     answer = raw_exchange(server.server_port, smuggled)
+    assert answer.startswith(f"HTTP/1.1 {status} ".encode())
     assert answer.count(b"HTTP/1.1 ") == 1 and b"302" not in answer
+
+
+def test_a_request_head_over_the_cap_gets_431(server: demo.Server) -> None:
+    head = b"GET / HTTP/1.1\r\n" + b"X-Filler: " + b"a" * 1000 + b"\r\n"
+    answer = raw_exchange(server.server_port, head * 40 + b"\r\n")  # 40 KiB, 40 lines
+    assert answer.startswith(b"HTTP/1.1 431 ") and b"Connection: close" in answer
+
+
+def test_reading_a_huge_head_stops_at_the_cap() -> None:
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        flood = (b"X-Filler: " + b"a" * 1000 + b"\r\n") * 80  # 80 KB of headers, no end
+        theirs.sendall(flood)
+        stream = demo.RequestInput(ours, 10)
+        stream.expect_request()
+        with pytest.raises(demo.HeadTooLarge):
+            http.client.parse_headers(io.BufferedReader(stream))
+        ours.setblocking(False)
+        left = b""
+        with contextlib.suppress(BlockingIOError):
+            while chunk := ours.recv(65536):
+                left += chunk
+    assert len(flood) - len(left) == demo.MAX_HEAD_BYTES  # read up to the cap, not a byte more
+
+
+def test_a_client_trickling_its_head_is_cut_off_at_the_deadline(
+        mailchimp: FakeMailchimp) -> None:
+    server, _ = demo.make_server(CONFIG, port=0, opener=mailchimp, request_timeout=0.5)
+    with serving(server), socket.create_connection(("127.0.0.1", server.server_port),
+                                                   timeout=10) as sock:
+        for sent, byte in enumerate(b"GET / HTTP/1.1\r\nX-Slow: " + b"a" * 200):
+            sock.sendall(bytes([byte]))  # one byte every 50 ms, each well inside the timeout
+            if select.select([sock], [], [], 0.05)[0]:
+                break
+        assert sock.recv(1) == b"" and sent < 100  # closed after ~0.5 s, head still unfinished
 
 
 def test_one_kept_alive_connection_carries_every_kind_of_response(server: demo.Server) -> None:
@@ -1472,6 +1527,91 @@ def test_a_client_that_sends_nothing_is_let_go(server: demo.Server) -> None:
         assert sock.recv(1) == b""  # closed by the server's idle timeout, not by ours
 
 
+def test_at_the_connection_cap_new_connections_wait_and_the_log_says_so_once(
+        mailchimp: FakeMailchimp, log: pytest.LogCaptureFixture) -> None:
+    server, _ = demo.make_server(CONFIG, port=0, opener=mailchimp, max_connections=4)
+    with serving(server), contextlib.ExitStack() as stack:
+        def connect() -> socket.socket:
+            sock = stack.enter_context(socket.create_connection(
+                ("127.0.0.1", server.server_port), timeout=10))
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            return sock
+        held = [connect() for _ in range(4)]
+        assert all(sock.recv(12) == b"HTTP/1.1 200" for sock in held)  # the cap is reached
+        waiting = connect()
+        assert select.select([waiting], [], [], 0.3)[0] == []  # in the backlog, unanswered
+        held[0].close()
+        assert waiting.recv(12) == b"HTTP/1.1 200"  # it took the freed place
+        warnings = [record.getMessage() for record in log.records
+                    if record.levelno == logging.WARNING]
+    assert warnings == ["serving 4 connections, the most it will; new ones wait"]
+
+
+def test_a_client_that_resets_costs_one_debug_line_and_no_traceback(
+        server: demo.Server, log: pytest.LogCaptureFixture,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    try:
+        raise ConnectionResetError(104, "Connection reset by peer")
+    except ConnectionResetError:
+        server.handle_error(None, ("127.0.0.9", 1234))
+    assert capsys.readouterr().err == ""
+    [line] = [record for record in log.records if "127.0.0.9" in record.getMessage()]
+    assert line.levelno == logging.DEBUG and "went away" in line.getMessage()
+
+
+def test_a_bug_outside_the_routes_still_logs_its_traceback(
+        server: demo.Server, log: pytest.LogCaptureFixture) -> None:
+    try:
+        raise ValueError("a bug")
+    except ValueError:
+        server.handle_error(None, ("127.0.0.9", 1234))
+    [line] = [record for record in log.records if "127.0.0.9" in record.getMessage()]
+    assert line.levelno == logging.ERROR and line.exc_info
+
+
+@pytest.mark.parametrize("linger", [struct.pack("ii", 1, 0), None], ids=["reset", "close"])
+def test_clients_that_go_away_mid_request_cost_a_debug_line_each(
+        browser: Browser, server: demo.Server, log: pytest.LogCaptureFixture,
+        linger: bytes | None) -> None:
+    for _ in range(10):
+        with socket.create_connection(("127.0.0.1", server.server_port), timeout=10) as sock:
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nX-Unfinished: ")
+            if linger:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)  # close = reset
+    assert browser.get("/").status == HTTPStatus.OK
+
+    def gone() -> list[logging.LogRecord]:
+        return [record for record in log.records
+                if re.search("went away|hung up", record.getMessage())]
+
+    assert eventually(lambda: len(gone()) == 10)  # each noticed in its own thread
+    assert all(record.levelno == logging.DEBUG for record in gone())
+    assert not [record for record in log.records if record.levelno >= logging.WARNING]
+
+
+def test_a_disconnect_while_a_ping_is_on_its_way_stays_done(
+        browser: Browser, mailchimp: FakeMailchimp) -> None:
+    browser.connect()
+    page = browser.get("/")
+    pinging, disconnected = threading.Event(), threading.Event()
+
+    def hold_the_ping(url: str) -> None:
+        if url == PING_URL:
+            pinging.set()
+            disconnected.wait(10)
+
+    mailchimp.before = hold_the_ping
+    answers: list[Page] = []
+    ping = threading.Thread(target=lambda: answers.append(browser.submit(page, "/ping")))
+    ping.start()
+    assert pinging.wait(10)
+    assert browser.submit(page, "/disconnect").status == HTTPStatus.OK
+    disconnected.set()
+    ping.join()
+    assert answers[0].status == HTTPStatus.SEE_OTHER and "Set-Cookie" not in answers[0].headers
+    assert "Connect with Mailchimp" in browser.get("/").text
+
+
 # ---------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------
@@ -1483,6 +1623,54 @@ def run_module(*args: str, env: dict[str, str]) -> subprocess.Popen[str]:
     clean = {name: value for name, value in os.environ.items() if not name.startswith("MAILCHIMP")}
     return subprocess.Popen([sys.executable, MODULE, *args], env={**clean, **env}, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+class HeldMailchimp:
+    """An upstream whose token endpoint holds its answer until the test lets it go."""
+
+    def __init__(self) -> None:
+        self.arrived, self.go = threading.Event(), threading.Event()
+
+    def respond(self, method: str, visit: demo.Visit) -> demo.Response:
+        if visit.path == "/oauth2/token":
+            self.arrived.set()
+            self.go.wait(10)
+            return demo.json_response(HTTPStatus.OK, {"access_token": TOKEN, "expires_in": 0})
+        if visit.path == "/oauth2/metadata":
+            return demo.json_response(HTTPStatus.OK, METADATA)
+        return demo.json_response(HTTPStatus.OK, {"health_status": "Everything's Chimpy!"})
+
+
+@pytest.mark.skipif(os.name != "posix", reason="SIGTERM is POSIX")
+def test_sigterm_lets_a_login_in_flight_finish_then_exits_0() -> None:
+    held = HeldMailchimp()
+    upstream = demo.Server(("127.0.0.1", 0))
+    upstream.app = held
+    with serving(upstream):
+        process = run_module("--port", "0", env={**ENV, "MAILCHIMP_LOGIN_URL": upstream.origin,
+                                                 "MAILCHIMP_API_URL": upstream.origin + "/{dc}/3.0"})
+        watchdog = threading.Timer(20, process.kill)
+        watchdog.start()
+        try:
+            assert process.stdout is not None
+            lines = [process.stdout.readline() for _ in range(5)]
+            browser = Browser(int(lines[1].split()[-1].rstrip("/").rsplit(":", 1)[1]))
+            state = browser.start_login()
+            answers: list[Page] = []
+            login = threading.Thread(
+                target=lambda: answers.append(browser.callback(code=CODE, state=state)))
+            login.start()
+            assert held.arrived.wait(10)  # the login is in flight, at step 4
+            process.send_signal(signal.SIGTERM)
+            assert process.stdout.readline().startswith("stopping")
+            held.go.set()
+            login.join()
+            out, _ = process.communicate(timeout=10)
+        finally:
+            watchdog.cancel()
+            process.kill()
+    assert process.returncode == 0 and out.strip() == "stopped"
+    assert answers[0].status == HTTPStatus.SEE_OTHER  # the login completed
 
 
 def test_startup_prints_the_url_and_the_redirect_uri_to_register_and_nothing_secret() -> None:
