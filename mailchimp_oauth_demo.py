@@ -2,39 +2,40 @@
 """Mailchimp's OAuth 2 flow, step by step, in one standard-library module.
 
 The Python counterpart of the Express sample in Mailchimp's guide "Access Data on
-Behalf of Other Users with OAuth 2". A small web app that connects a Mailchimp
-account, in the guide's order, and says each step in the log as it happens:
+Behalf of Other Users with OAuth 2": a small web app that connects a Mailchimp
+account and says each step in the log as it happens. The guide numbers its sample's
+routes 1 to 3; this module splits the guide's step 3 into the four calls it makes:
 
-  1. GET /                          a page with a "Connect with Mailchimp" link
-  2. GET /auth/mailchimp            redirect to Mailchimp's authorize page, with a `state`
-  3. GET /oauth/mailchimp/callback  Mailchimp sends the browser back with `code` and `state`
-  4. POST {login}/oauth2/token      trade the code for an access token (a form, not JSON)
-  5. GET {login}/oauth2/metadata    learn the account's server prefix ("dc", e.g. us19)
-  6. GET {api}/ping                 call the Marketing API with the token
-  7. redirect to /                  which shows the result, the token masked
+  guide  here
+  1      1. GET /                          a page with a "Connect with Mailchimp" button
+  2      2. GET /auth/mailchimp            redirect to Mailchimp's authorize page, with a `state`
+  3      3. GET /oauth/mailchimp/callback  Mailchimp sends the browser back: check `state`
+         4. POST {login}/oauth2/token      trade the code for an access token (a form)
+         5. GET {login}/oauth2/metadata    learn the account's server prefix ("dc", e.g. us19)
+         6. GET {api}/ping                 call the Marketing API with the token
+         7. keep the token and prefix, and redirect to /, which shows the result
 
 Then POST /ping uses the kept token again, and POST /disconnect forgets it.
 
-Try it offline, with a stand-in for Mailchimp (the last section of this file):
+Try it offline, against a stand-in for Mailchimp (the last section of this file):
 
     python mailchimp_oauth_demo.py --sandbox      # then open http://127.0.0.1:3000
 
 Run it for real with the client id and secret from Mailchimp's Registered Apps page,
-where the redirect URI must be registered exactly as the app prints it at start-up
-(127.0.0.1, not localhost):
+where the redirect URI must be registered exactly as the app prints it at start-up:
 
     export MAILCHIMP_CLIENT_ID=... MAILCHIMP_CLIENT_SECRET=...
     python mailchimp_oauth_demo.py [--port 3000] [--store connections.db] [--quiet]
 
-When a step fails, the page and the log name the step and the likely fix: a
-rotated secret (step 4, invalid_client), a reused or late code or a changed
-redirect URI (step 4, invalid_grant), a user who removed the app (step 6, 401).
+Or use the steps in your own app (the README shows how): authorize_url() for step 2,
+then connect() for steps 3 to 6, or check_callback(), exchange_code(), find_account()
+and ping() one by one. They need no server, only an opener (urllib's, or a test's).
 
-Each safety measure says why it is there where it is made. It is teaching code,
-not a production server: http.server is not reviewed for security, the --store
-file holds tokens unencrypted, and it speaks plain HTTP, which is fine on
-127.0.0.1 and nowhere else. In production put a real web framework, HTTPS and a
-database (the token encrypted at rest) around the same steps.
+Each safety measure says why it is there where it is made. This is teaching code, not
+a production server: http.server is not reviewed for security, the --store database
+holds tokens unencrypted, and the app speaks plain HTTP, which is fine on 127.0.0.1
+and nowhere else. In production put a real web framework, HTTPS and your own database
+(the token encrypted at rest) around the same steps.
 """
 
 from __future__ import annotations
@@ -68,22 +69,35 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import astuple, dataclass, field, replace
 from http import HTTPStatus
 from typing import Any, Protocol
 
+__all__ = [  # noqa: RUF022 -- the public names in the flow's order, not the alphabet's
+    "Config", "Opener", "FlowError", "new_secret", "authorize_url", "check_callback",
+    "exchange_code", "Account", "find_account", "ping", "Connection", "connect", "mask",
+    "OAuthDemo", "Store", "make_server", "main",
+]
+
 logger = logging.getLogger("mailchimp_oauth_demo")  # not __name__: that is "__main__" when run
+logger.addHandler(logging.NullHandler())  # an app that imports us decides where the log goes
 
 
 # ---------------------------------------------------------------------------
-# Configuration
+# The flow: steps 2 to 6, each one function (no server, no sockets of its own)
 # ---------------------------------------------------------------------------
 
 LOGIN_URL = "https://login.mailchimp.com"
 API_URL = "https://{dc}.api.mailchimp.com/3.0"  # {dc}: the account's server prefix
 CALLBACK_PATH = "/oauth/mailchimp/callback"
+
+STEP_AUTHORIZE = "step 2 (authorize)"
+STEP_CALLBACK = "step 3 (callback)"
+STEP_TOKEN = "step 4 (token exchange)"
+STEP_METADATA = "step 5 (metadata)"
+STEP_PING = "step 6 (ping)"
+STEP_KEEP = "step 7 (keeping the connection)"
 
 
 @dataclass(frozen=True)
@@ -92,17 +106,1032 @@ class Config:
 
     client_id: str
     client_secret: str = field(repr=False)  # repr=False: a logged Config never shows it
-    base_url: str = ""  # where browsers reach this app; "" means http://HOST:PORT once bound
+    base_url: str = ""  # where browsers reach this app, e.g. http://127.0.0.1:3000
     login_url: str = LOGIN_URL
     api_url: str = API_URL
     timeout: float = 10.0  # seconds to wait for Mailchimp before answering 504
-    notice: str = ""  # a line at the top of every page; the sandbox says SANDBOX there
+
+    def __post_init__(self) -> None:
+        if self.base_url:  # written as browsers write origins, so that comparisons hold
+            object.__setattr__(self, "base_url", check_base_url(self.base_url))
 
     @property
     def redirect_uri(self) -> str:
         """The callback URL: registered in Mailchimp and sent in steps 2 and 4, byte for byte."""
+        if not self.base_url:  # a relative one would reach Mailchimp and fail there
+            raise ConfigError("Config needs base_url, e.g. http://127.0.0.1:3000")
         return self.base_url + CALLBACK_PATH
 
+
+class Opener(Protocol):
+    """The HTTP client the steps send through: urllib.request.build_opener(), or a test's
+    fake. open() returns a response with .status, .read(n) and .close(), and may raise
+    urllib.error.HTTPError (itself such a response), URLError, OSError or HTTPException."""
+
+    def open(self, fullurl: urllib.request.Request, /, *, timeout: float) -> Any: ...
+
+
+class FlowError(Exception):
+    """A step failed: the status to answer, the step, a message safe to show and to log, the
+    likely cause and fix, and Mailchimp's own status when it answered with an error."""
+
+    def __init__(self, status: HTTPStatus, step: str, message: str, hint: str = "",
+                 mailchimp_status: int = 0) -> None:
+        super().__init__(f"{step}: {message}")
+        self.status = status
+        self.step = step
+        self.message = message
+        self.hint = hint
+        self.mailchimp_status = mailchimp_status
+
+
+def new_secret() -> str:
+    """256 random bits, URL-safe: RFC 6749 §10.10 wants guessing odds below 2^-128."""
+    return secrets.token_urlsafe(32)
+
+
+def authorize_url(config: Config, state: str) -> str:
+    """Step 2: where to send the browser to log in to Mailchimp and approve this app. Make
+    `state` with new_secret() and keep it for this browser: step 3 checks it comes back."""
+    query = urllib.parse.urlencode({
+        "response_type": "code",
+        "client_id": config.client_id,
+        "redirect_uri": config.redirect_uri,
+        "state": state,  # RFC 6749 §10.12: ties the callback to the browser that started here
+    })  # no `scope`: Mailchimp has none and rejects the parameter
+    return f"{config.login_url}/oauth2/authorize?{query}"
+
+
+def check_callback(query: str, state: str) -> str:
+    """Step 3: the code in the callback's query string, if its state is the one this browser
+    was given in step 2. Without that check anyone could send your browser here with their
+    own code, and connect you to their account (RFC 6749 §10.12)."""
+    try:
+        fields = parse_fields(query)
+    except ValueError as err:
+        raise FlowError(HTTPStatus.BAD_REQUEST, STEP_CALLBACK,
+                        f"The callback's query string could not be read ({err}).",
+                        HINT_START_AGAIN) from err
+    if not fields.get("state"):
+        raise FlowError(HTTPStatus.BAD_REQUEST, STEP_CALLBACK, "The callback has no state.",
+                        HINT_START_AGAIN)
+    if not (state and hmac.compare_digest(fields["state"].encode(), state.encode())):
+        raise FlowError(HTTPStatus.BAD_REQUEST, STEP_CALLBACK, "This callback does not match "
+                        "a login started in this browser in the last 10 minutes, or it was "
+                        "used already.", HINT_START_AGAIN)
+    if fields.get("error"):
+        raise denial_error(fields["error"], fields.get("error_description", ""))
+    code = fields.get("code", "")
+    if not AUTH_CODE.fullmatch(code):
+        raise FlowError(HTTPStatus.BAD_REQUEST, STEP_CALLBACK, "The callback carries no code."
+                        if not code else "The callback's code does not look like one.",
+                        HINT_START_AGAIN)
+    narrate(STEP_CALLBACK, f"the browser is back with a code ({mask(code)}) and the state "
+            "this browser was given")
+    return code
+
+
+def exchange_code(opener: Opener, config: Config, code: str) -> str:
+    """Step 4: trade the one-time code, with the client id and secret, for an access token.
+    Mailchimp wants a form here, not JSON, and the redirect URI of step 2 byte for byte."""
+    form = urllib.parse.urlencode({
+        "grant_type": "authorization_code", "client_id": config.client_id,
+        "client_secret": config.client_secret, "redirect_uri": config.redirect_uri,
+        "code": code,
+    })
+    request = urllib.request.Request(
+        config.login_url + "/oauth2/token", data=form.encode("ascii"), method="POST",
+        headers={"Content-Type": "application/x-www-form-urlencoded",
+                 "Accept": "application/json"})
+    reply = send(opener, request, config.timeout, STEP_TOKEN)
+    token = reply_field(reply_json(reply, STEP_TOKEN), STEP_TOKEN, "access_token")
+    if not ACCESS_TOKEN.fullmatch(token):  # it goes into a header next: no spaces, no CR/LF
+        raise FlowError(HTTPStatus.BAD_GATEWAY, STEP_TOKEN,
+                        "Mailchimp's access token has characters a token cannot have.",
+                        HINT_UNEXPECTED)
+    narrate(STEP_TOKEN, f"{summary(request, reply)}: access token {mask(token)}, "
+            "which does not expire")
+    return token
+
+
+@dataclass(frozen=True)
+class Account:
+    """Step 5: the part of Mailchimp's metadata this app uses."""
+
+    server_prefix: str
+    name: str
+
+
+def find_account(opener: Opener, config: Config, token: str) -> Account:
+    """Step 5: whose account the token opens and, above all, its server prefix, which
+    becomes part of every API address: it must look like one (letters, then digits)."""
+    request = authorized_request(config.login_url + "/oauth2/metadata", f"OAuth {token}")
+    reply = send(opener, request, config.timeout, STEP_METADATA)
+    data = reply_json(reply, STEP_METADATA)
+    prefix = reply_field(data, STEP_METADATA, "dc")
+    if not SERVER_PREFIX.fullmatch(prefix):  # "evil.example/x#" would send the token elsewhere
+        raise FlowError(HTTPStatus.BAD_GATEWAY, STEP_METADATA,
+                        f"Mailchimp's server prefix {printable(prefix)!r} does not look like "
+                        "one (letters then digits, like us19).",
+                        "The app refused to build an address from it, so the token went nowhere. "
+                        + HINT_UNEXPECTED)
+    account = Account(prefix, printable(reply_field(data, STEP_METADATA, "accountname")))
+    narrate(STEP_METADATA, f"{summary(request, reply)}: server prefix {prefix}, "
+            f"account {account.name!r}")
+    return account
+
+
+def ping(opener: Opener, config: Config, server_prefix: str, token: str) -> str:
+    """Step 6: a first call to the Marketing API, at the account's own server prefix; its
+    health status, e.g. "Everything's Chimpy!"."""
+    url = config.api_url.replace("{dc}", server_prefix) + "/ping"
+    request = authorized_request(url, f"Bearer {token}")
+    reply = send(opener, request, config.timeout, STEP_PING)
+    health = printable(reply_field(reply_json(reply, STEP_PING), STEP_PING, "health_status"))
+    narrate(STEP_PING, f"{summary(request, reply)}: {health!r}")
+    return health
+
+
+@dataclass(frozen=True)
+class Connection:
+    """What step 7 keeps for a browser: in a real app, a row for this user in your database."""
+
+    access_token: str = field(repr=False)
+    server_prefix: str
+    account_name: str
+    connected_at: str  # UTC, as utc_now() writes it, like pinged_at
+    pinged_at: str
+    health_status: str  # what the ping at pinged_at answered
+
+
+def connect(opener: Opener, config: Config, query: str, state: str) -> Connection:
+    """Steps 3 to 6 in the guide's order: the callback's code (if its state is this
+    browser's), the token for it, the account's server prefix, and a first ping. Keeping
+    the result is step 7."""
+    code = check_callback(query, state)
+    token = exchange_code(opener, config, code)
+    account = find_account(opener, config, token)
+    health = ping(opener, config, account.server_prefix, token)
+    now = utc_now()
+    return Connection(token, account.server_prefix, account.name, now, now, health)
+
+
+def utc_now() -> str:
+    """The time, as the store and the pages show it."""
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+
+
+# ---------------------------------------------------------------------------
+# The app: the routes a browser follows through the steps, and what they remember
+# ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Visit:
+    """What the app reads from a request, already checked for shape."""
+
+    path: str = "/"
+    query: str = ""
+    session: str = ""  # the session cookie, if it is well formed
+    form: dict[str, str] | None = None  # the body's fields, if it is a small urlencoded form
+    host: str = ""  # the Host header: the name the browser used for this app
+    origin: str = ""  # where a browser says a POST comes from: the Origin header ...
+    fetch_site: str = ""  # ... and Sec-Fetch-Site, in browsers that send it
+    authorization: str = ""  # not read by the app: the sandbox's stand-in checks tokens in it
+
+
+@dataclass(frozen=True)
+class Response:
+    """A response made before it is sent, with a note saying why for the log."""
+
+    status: HTTPStatus
+    body: bytes = b""
+    headers: tuple[tuple[str, str], ...] = ()
+    content_type: str = "text/html; charset=utf-8"
+    note: str = ""
+
+
+class OAuthDemo:
+    """The app: step 1's page, step 2's redirect, the callback that runs steps 3 to 7, and
+    the two buttons of the connected page."""
+
+    def __init__(self, config: Config, *, opener: Opener, store: Store,
+                 logins: PendingLogins, notice: str = "") -> None:
+        self.config, self.opener, self.store, self.logins = config, opener, store, logins
+        self.notice = notice  # a line at the top of every page: the sandbox says SANDBOX
+        self.secure = config.base_url.startswith("https:")  # then cookies are Secure too
+        self.netloc = urllib.parse.urlsplit(config.base_url).netloc  # its Host header
+        self.welcome = page("Mailchimp OAuth 2 demo", WELCOME, notice)  # built once
+        self.routes = {  # HEAD only where GET changes nothing: a link checker's HEAD must
+            "/": {"GET": self.show_index, "HEAD": self.show_index},  # not spend a login
+            "/auth/mailchimp": {"GET": self.start_login},
+            CALLBACK_PATH: {"GET": self.finish_login},
+            "/ping": {"POST": self.ping_again},  # they change things: POST, from our pages only
+            "/disconnect": {"POST": self.disconnect},
+        }
+
+    def show_index(self, visit: Visit) -> Response:
+        """Step 1: the start page, or what this browser's connection holds."""
+        connection = self.store.load(visit.session) if visit.session else None
+        if connection is None:
+            return Response(HTTPStatus.OK, self.welcome)
+        return Response(HTTPStatus.OK, connected_page(connection, self.notice))
+
+    def start_login(self, visit: Visit) -> Response:
+        """Step 2: send the browser to Mailchimp, remembering a fresh state for it."""
+        session = visit.session or new_secret()
+        state = self.logins.start(session)
+        narrate(STEP_AUTHORIZE, f"sending the browser to {self.config.login_url}/oauth2/"
+                f"authorize with client_id {self.config.client_id}, redirect_uri "
+                f"{self.config.redirect_uri} and a new state ({mask(state)})")
+        return redirect(authorize_url(self.config, state),
+                        ("Set-Cookie", session_cookie(session, secure=self.secure)))
+
+    def finish_login(self, visit: Visit) -> Response:
+        """Steps 3 to 6 (connect), then step 7: keep the connection under a new session id
+        (one planted in this browser beforehand is worth nothing now), and leave the
+        callback's URL: RFC 6749 §3.1.2.5, the code must not stay in the address bar."""
+        offered = dict(urllib.parse.parse_qsl(visit.query)).get("state", "")
+        state = self.logins.take(visit.session, offered) if visit.session else ""
+        connection = connect(self.opener, self.config, visit.query, state)
+        session = new_secret()
+        self.store.save(session, connection)
+        self.store.delete(visit.session)
+        self.logins.transfer(visit.session, session)  # other tabs may still be logging in
+        narrate(STEP_KEEP, f"connected to {connection.account_name!r}: kept its token and "
+                f"server prefix in {self.store.where}, and sent the browser to / so the code "
+                "leaves the address bar")
+        return redirect("/", ("Set-Cookie", session_cookie(session, secure=self.secure)),
+                        status=HTTPStatus.SEE_OTHER)
+
+    def ping_again(self, visit: Visit) -> Response:
+        """Later: call the API with the kept token and server prefix, no new login needed;
+        then back to / (so a reload shows the page rather than pinging again)."""
+        self.check_same_origin(visit, "ping again")
+        connection = self.store.load(visit.session) if visit.session else None
+        if connection is None:
+            return redirect("/", status=HTTPStatus.SEE_OTHER)
+        try:
+            health = ping(self.opener, self.config, connection.server_prefix,
+                          connection.access_token)
+        except FlowError as err:
+            if err.mailchimp_status == HTTPStatus.UNAUTHORIZED:  # the user removed the app
+                self.store.delete(visit.session)
+            raise
+        kept = self.store.record_ping(visit.session, utc_now(), health)  # unless disconnected
+        renewed = session_cookie(visit.session, secure=self.secure)  # used: 30 more days
+        return redirect("/", *([("Set-Cookie", renewed)] if kept else []),
+                        status=HTTPStatus.SEE_OTHER)
+
+    def disconnect(self, visit: Visit) -> Response:
+        """Forget this browser's connection (Mailchimp has no endpoint to revoke a token)."""
+        self.check_same_origin(visit, "disconnect")
+        if visit.session:
+            self.store.delete(visit.session)
+        narrate("disconnect", "forgot this browser's connection; Mailchimp has no endpoint to "
+                "revoke the token, so the user removes the app in their account")
+        return Response(HTTPStatus.OK, page("Disconnected", DISCONNECTED, self.notice),
+                        (("Set-Cookie", session_cookie("", secure=self.secure, forget=True)),))
+
+    def respond(self, method: str, visit: Visit) -> Response:
+        """Answer one request; a failed step becomes its error page."""
+        if self.is_loopback_alias(visit.host):  # localhost's cookie would miss the callback
+            return redirect(self.config.base_url + visit.path)
+        try:
+            return dispatch(self.routes, method, visit, self.notice)
+        except FlowError as err:
+            return failure(err, self.notice)
+        except StoreError as err:  # a full disk, say: the user gets a page, the server lives on
+            return failure(FlowError(err.status, STEP_KEEP, str(err)), self.notice)
+
+    def is_loopback_alias(self, host_header: str) -> bool:
+        """Whether the browser reached us by another loopback name for the same port
+        (localhost for 127.0.0.1, say). Only then is Host trusted, and only as a yes or no."""
+        if host_header == self.netloc:
+            return False  # the name it should be: the usual case, answered quickly
+        ours = urllib.parse.urlsplit(self.config.base_url)
+        try:
+            theirs = urllib.parse.urlsplit("//" + host_header)
+            ports = (ours.port or 80, theirs.port or 80)
+        except ValueError:
+            return False
+        return (ours.scheme == "http" and ports[0] == ports[1] and bool(theirs.hostname)
+                and theirs.hostname != ours.hostname
+                and is_loopback(ours.hostname or "") and is_loopback(theirs.hostname or ""))
+
+    def check_same_origin(self, visit: Visit, action: str) -> None:
+        """Refuse a POST that another site's page made (CSRF). Browsers say where a request
+        comes from in Sec-Fetch-Site, and in Origin (which our Referrer-Policy lets them fill
+        in for our own pages); both, when sent, must name this app. A client that sends
+        neither is no current browser, and SameSite=Lax keeps the cookie off old browsers'
+        cross-site posts."""
+        if visit.fetch_site not in ("", "same-origin") or (
+                visit.origin and origin_of(visit.origin) != self.config.base_url):
+            raise FlowError(HTTPStatus.FORBIDDEN, action,
+                            "This request came from another site; nothing was changed.",
+                            f"To {action}, use the button on {self.config.base_url}/.")
+
+
+def dispatch(routes: Mapping[str, Mapping[str, Callable[[Visit], Response]]], method: str,
+             visit: Visit, notice: str = "") -> Response:
+    """Run the route for this path and method; 404 or 405 if there is none."""
+    methods = routes.get(visit.path)
+    if methods is None:
+        return Response(HTTPStatus.NOT_FOUND, problem_page(
+            HTTPStatus.NOT_FOUND, "There is no page at this address.", notice=notice))
+    action = methods.get(method)
+    if action is None:
+        allowed = ", ".join(sorted(methods))
+        return Response(HTTPStatus.METHOD_NOT_ALLOWED, problem_page(
+            HTTPStatus.METHOD_NOT_ALLOWED, f"This address accepts only {allowed}.",
+            notice=notice), headers=(("Allow", allowed),))
+    return action(visit)
+
+
+def redirect(location: str, *headers: tuple[str, str],
+             status: HTTPStatus = HTTPStatus.FOUND) -> Response:
+    """A redirect; Location comes from configuration, never from the request."""
+    return Response(status, headers=(("Location", location), *headers))
+
+
+def failure(err: FlowError, notice: str = "") -> Response:
+    """A failed step as the error page, with the same words, hint included, for the log."""
+    message = f"{err.step[0].upper()}{err.step[1:]} failed: {err.message}"
+    return Response(err.status, problem_page(err.status, message, err.hint, notice),
+                    note=f"{message} Hint: {err.hint}" if err.hint else message)
+
+
+LOGIN_LIFETIME = 600.0  # seconds; RFC 6749 §4.1.2 suggests the same 10 minutes for codes
+SESSION_LIFETIME = 30 * 24 * 3600  # seconds: a browser unseen this long is forgotten, token too
+SESSION_COOKIE = "mailchimp_demo_session"
+SESSION_ID = re.compile(r"[A-Za-z0-9_-]{43}")  # the shape new_secret() makes
+
+
+class PendingLogins:
+    """Step 2's states awaiting their callbacks, by browser: single-use, expiring, and
+    bounded (the oldest make way), so a flood of logins cannot fill memory."""
+
+    def __init__(self, *, lifetime: float = LOGIN_LIFETIME, browsers: int = 1000,
+                 per_browser: int = 10, clock: Callable[[], float] = time.monotonic) -> None:
+        self.lifetime, self.browsers, self.per_browser = lifetime, browsers, per_browser
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._states: dict[str, dict[str, float]] = {}  # session -> state -> expiry, oldest first
+
+    def start(self, session: str) -> str:
+        """A new state for this browser (two tabs may each have one)."""
+        state, now = new_secret(), self.clock()
+        with self._lock:
+            states = {s: t for s, t in self._states.pop(session, {}).items() if t > now}
+            states[state] = now + self.lifetime
+            self._states[session] = dict(list(states.items())[-self.per_browser:])  # newest
+            while len(self._states) > self.browsers:
+                del self._states[next(iter(self._states))]
+        return state
+
+    def take(self, session: str, offered: str) -> str:
+        """The state this browser was given, if the callback offers it in time; only once."""
+        with self._lock:
+            states = self._states.get(session, {})
+            state = next((s for s in states if hmac.compare_digest(s.encode(), offered.encode())),
+                         "")
+            expiry = states.pop(state, 0.0)
+        return state if expiry > self.clock() else ""
+
+    def transfer(self, old: str, new: str) -> None:
+        """Carry a browser's other logins in progress over to its new session id."""
+        with self._lock:
+            if self._states.get(old):
+                self._states[new] = self._states.pop(old)
+
+
+def session_from(cookie_header: str) -> str:
+    """The session id in a Cookie header, or "" (a cookie is outside input: check its shape)."""
+    for pair in cookie_header.split(";"):
+        name, _, value = pair.strip().partition("=")
+        if name == SESSION_COOKIE and SESSION_ID.fullmatch(value):
+            return value
+    return ""
+
+
+def session_cookie(session: str, *, secure: bool, forget: bool = False) -> str:
+    """Set-Cookie for the session: HttpOnly keeps page scripts from reading it; SameSite=Lax
+    still sends it when Mailchimp redirects the browser back, but not on cross-site POSTs;
+    Secure keeps it off plain HTTP once the app is served over HTTPS; Max-Age lets it go
+    when the store lets go of its connection."""
+    return (f"{SESSION_COOKIE}={session}; Path=/; HttpOnly; SameSite=Lax; "
+            f"Max-Age={0 if forget else SESSION_LIFETIME}" + ("; Secure" if secure else ""))
+
+
+# ---------------------------------------------------------------------------
+# Talking to Mailchimp: what the steps share
+# ---------------------------------------------------------------------------
+
+MAX_REPLY_BYTES = 64 * 1024  # Mailchimp's replies are tiny; a huge one is a fault, not data
+AUTH_CODE = re.compile(r"[\x20-\x7e]{1,512}")  # RFC 6749 App. A.11: code is printable ASCII
+ACCESS_TOKEN = re.compile(r"[A-Za-z0-9._~+/-]{1,512}=*")  # RFC 6750 §2.1: safe in a header
+SERVER_PREFIX = re.compile(r"[a-z]{1,10}[0-9]{1,10}")  # "us19": nothing that can reshape a URL
+
+# The likely cause of each failure, and its fix, in words a newcomer can act on.
+HINT_START_AGAIN = ("Start again from the app's start page, at the address the app prints "
+                    "(127.0.0.1 and localhost keep separate cookies).")
+HINT_ROTATED_SECRET = ("Mailchimp did not accept the client id and secret. If the secret was "
+                       "rotated, put the new one in MAILCHIMP_CLIENT_SECRET and restart.")
+HINT_OLD_CODE = ("The code was used already or is over ten minutes old, or redirect_uri is not "
+                 "the one sent in step 2. Start again; if it keeps happening, register exactly "
+                 "the redirect URI the app prints at start-up.")
+HINT_REVOKED = ("Mailchimp no longer accepts this token: the user may have removed the app "
+                "from their account. This app has forgotten it; connect again.")
+HINT_UNEXPECTED = ("Mailchimp's answer is not what its guide describes. If MAILCHIMP_LOGIN_URL "
+                   "or MAILCHIMP_API_URL point at another server, look there.")
+HINT_UNREACHABLE = ("Check the internet connection, any proxy settings, and "
+                    "MAILCHIMP_LOGIN_URL and MAILCHIMP_API_URL.")
+HINT_SLOW = "Try again; on a slow network, give Mailchimp longer with --timeout."
+HINT_BUSY = "Mailchimp is having trouble; try again in a minute."
+HINTS = {  # Mailchimp's refusals: (step, its error or status) -> hint
+    (STEP_TOKEN, "invalid_client"): HINT_ROTATED_SECRET,
+    (STEP_TOKEN, HTTPStatus.UNAUTHORIZED): HINT_ROTATED_SECRET,
+    (STEP_TOKEN, "invalid_grant"): HINT_OLD_CODE,
+    (STEP_TOKEN, "redirect_uri_mismatch"): HINT_OLD_CODE,
+    (STEP_TOKEN, "invalid_request"): ("Mailchimp wants the five fields as a form "
+                                      "(application/x-www-form-urlencoded), not JSON."),
+    (STEP_METADATA, HTTPStatus.UNAUTHORIZED): ("The metadata call must send 'Authorization: "
+                                               "OAuth <token>' with the token just issued."),
+    (STEP_PING, HTTPStatus.UNAUTHORIZED): HINT_REVOKED + " (Or the call went to another "
+                                                         "account's server prefix.)",
+    (STEP_PING, HTTPStatus.NOT_FOUND): ("The API address is wrong: MAILCHIMP_API_URL must "
+                                        "contain {dc}, which step 5's server prefix replaces."),
+}
+
+
+@dataclass(frozen=True)
+class Reply:
+    """What Mailchimp answered: the status, the first MAX_REPLY_BYTES of the body, and how
+    many seconds it took."""
+
+    status: int
+    body: bytes
+    seconds: float = 0.0
+
+
+def send(opener: Opener, request: urllib.request.Request, timeout: float, step: str) -> Reply:
+    """Send one request to Mailchimp and read the answer, whatever its status; no answer in
+    time is a 504, none at all a 502."""
+    host, started = urllib.parse.urlsplit(request.full_url).netloc, time.perf_counter()
+    try:
+        try:
+            response = opener.open(request, timeout=timeout)
+        except urllib.error.HTTPError as err:  # urllib raises non-2xx answers; still answers
+            response = err
+        try:
+            status, body = int(response.status), response.read(MAX_REPLY_BYTES + 1)
+        finally:
+            response.close()
+    except (http.client.HTTPException, OSError) as err:  # URLError and timeouts are OSErrors
+        raise no_answer_error(err, host, timeout, step) from err
+    if len(body) > MAX_REPLY_BYTES:
+        raise FlowError(HTTPStatus.BAD_GATEWAY, step, f"{host} sent an oversized reply.",
+                        HINT_UNEXPECTED)
+    return Reply(status, body, time.perf_counter() - started)
+
+
+def authorized_request(url: str, authorization: str) -> urllib.request.Request:
+    """A GET carrying the token, which must never follow a redirect to another host."""
+    request = urllib.request.Request(url, headers={"Accept": "application/json"})
+    request.add_unredirected_header("Authorization", authorization)  # urllib copies plain headers
+    return request
+
+
+def reply_json(reply: Reply, step: str) -> dict[str, Any]:
+    """A 2xx reply's JSON object; anything else is a 502 that says what Mailchimp said."""
+    if not 200 <= reply.status < 300:
+        raise refusal_error(reply, step)
+    try:
+        data = json.loads(reply.body.decode("utf-8"))
+    except (ValueError, RecursionError) as err:  # RecursionError: absurdly nested JSON
+        raise FlowError(HTTPStatus.BAD_GATEWAY, step, "Mailchimp's reply was not JSON.",
+                        HINT_UNEXPECTED) from err
+    if not isinstance(data, dict):
+        raise FlowError(HTTPStatus.BAD_GATEWAY, step, "Mailchimp's reply was not a JSON object.",
+                        HINT_UNEXPECTED)
+    return data
+
+
+def reply_field(data: dict[str, Any], step: str, name: str) -> str:
+    """One non-empty string field of a reply."""
+    value = data.get(name)
+    if not isinstance(value, str) or not value:
+        raise FlowError(HTTPStatus.BAD_GATEWAY, step, f"Mailchimp's reply has no {name} text.",
+                        HINT_UNEXPECTED)
+    return value
+
+
+def denial_error(error: str, description: str) -> FlowError:
+    """Step 3's error when Mailchimp sent an error instead of a code (the user clicked Deny)."""
+    said = printable(f"{error}: {description}".rstrip(": "))
+    if error == "access_denied":
+        return FlowError(HTTPStatus.FORBIDDEN, STEP_CALLBACK,
+                         f"Access was not granted, so nothing was shared ({said}).",
+                         "You can connect whenever you like.")
+    busy = error in ("server_error", "temporarily_unavailable")  # RFC 6749 §4.1.2.1
+    return FlowError(HTTPStatus.BAD_GATEWAY, STEP_CALLBACK,
+                     f"Mailchimp refused the authorization request ({said}).",
+                     HINT_BUSY if busy else
+                     "Check that MAILCHIMP_CLIENT_ID is the client_id of a registered app.")
+
+
+def refusal_error(reply: Reply, step: str) -> FlowError:
+    """A non-2xx reply as a 502, quoting Mailchimp's OAuth error or API problem."""
+    error, said = mailchimp_said(reply.body)
+    message = f"Mailchimp answered {reply.status}" + (f": {said}" if said else ".")
+    hint = HINTS.get((step, error)) or HINTS.get((step, reply.status)) or (
+        HINT_BUSY if reply.status >= HTTPStatus.INTERNAL_SERVER_ERROR else HINT_UNEXPECTED)
+    return FlowError(HTTPStatus.BAD_GATEWAY, step, message, hint, reply.status)
+
+
+def no_answer_error(err: Exception, host: str, timeout: float, step: str) -> FlowError:
+    """Why no answer came: too slow is a 504; unreachable or cut off is a 502."""
+    reason = err.reason if isinstance(err, urllib.error.URLError) else err  # urllib wraps it
+    if isinstance(reason, (TimeoutError, socket.timeout)):  # two classes on Python 3.9
+        return FlowError(HTTPStatus.GATEWAY_TIMEOUT, step,
+                         f"{host} did not answer within {timeout:g} s.", HINT_SLOW)
+    if isinstance(err, urllib.error.URLError):
+        return FlowError(HTTPStatus.BAD_GATEWAY, step,
+                         f"Could not reach {host}: {printable(str(reason))}.", HINT_UNREACHABLE)
+    return FlowError(HTTPStatus.BAD_GATEWAY, step,
+                     f"{host} broke off its answer ({type(err).__name__}).", HINT_UNREACHABLE)
+
+
+def mailchimp_said(body: bytes) -> tuple[str, str]:
+    """The error code and its words from an error body, OAuth style or problem+json style."""
+    try:
+        data = json.loads(body.decode("utf-8"))
+    except (ValueError, RecursionError):
+        return "", ""
+    if not isinstance(data, dict):
+        return "", ""
+    words = [data.get(key) for key in ("error", "error_description", "title", "detail")]
+    said = ": ".join(printable(word) for word in words if isinstance(word, str) and word)
+    error = data.get("error")
+    return (error if isinstance(error, str) else ""), said
+
+
+def parse_fields(text: str) -> dict[str, str]:
+    """URL-encoded fields, strictly: UTF-8, at most ten, none repeated (which would be meant?)."""
+    pairs = urllib.parse.parse_qsl(text, keep_blank_values=True, errors="strict",
+                                   max_num_fields=10)
+    fields = dict(pairs)
+    if len(fields) != len(pairs):
+        raise ValueError("a parameter is repeated")
+    return fields
+
+
+def printable(text: str, limit: int = 200) -> str:
+    """Outside text made fit for a page or a log line: no control characters, bounded length."""
+    cleaned = "".join(ch if ch.isprintable() else " " for ch in text[:limit])
+    return cleaned + ("..." if len(text) > limit else "")
+
+
+def mask(secret: str) -> str:
+    """Enough of a token or code to recognise it, not enough to use it."""
+    return "..." + secret[-4:] if len(secret) >= 16 else "..."
+
+
+def narrate(step: str, what: str) -> None:
+    """One line a step as a login happens, for people learning the flow: nothing secret."""
+    logger.info("%s: %s", step, what)
+
+
+def summary(request: urllib.request.Request, reply: Reply) -> str:
+    """A call to Mailchimp in a few words: what went where, the status, and how long it took."""
+    return (f"{request.get_method()} {request.full_url} -> {reply.status} "
+            f"in {reply.seconds * 1000:.0f} ms")
+
+
+# ---------------------------------------------------------------------------
+# Pages
+# ---------------------------------------------------------------------------
+
+STYLESHEET = """
+body { font: 16px/1.5 system-ui, sans-serif; color: #1f2328; max-width: 40rem;
+       margin: 2rem auto; padding: 0 1rem; }
+h1 { font-size: 1.6rem; margin: 1rem 0; }
+.notice { background: #fff3bf; border: 2px solid #e0a800; border-radius: .4rem;
+          padding: .6rem .9rem; font-weight: 600; }
+dl { display: grid; grid-template-columns: max-content 1fr; gap: .3rem 1.2rem; }
+dt { font-weight: 600; }
+dd { margin: 0; }
+code { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; }
+form { display: inline-block; margin: 1rem .5rem 0 0; }
+.button, button { font: inherit; display: inline-block; padding: .5rem 1.1rem; cursor: pointer;
+                  border: 1px solid #0b5cad; border-radius: .4rem; background: #0b5cad;
+                  color: #fff; text-decoration: none; }
+button.quiet { background: #fff; color: #0b5cad; }
+"""
+# The policy allows this one stylesheet by its hash, computed from the text itself, so editing
+# the style can't break the policy, and nothing injected into a page can style or script it.
+STYLE_HASH = base64.b64encode(hashlib.sha256(STYLESHEET.encode()).digest()).decode()
+POLICY = (f"default-src 'none'; style-src 'sha256-{STYLE_HASH}'; form-action 'self'; "
+          "frame-ancestors 'none'; base-uri 'none'")
+
+PAGE = """<!doctype html>
+<html lang="en">
+<head><meta charset="utf-8"><meta name="viewport" content="width=device-width">
+<title>{title}</title><style>{style}</style></head>
+<body>
+{notice}<h1>{title}</h1>
+{content}
+</body>
+</html>
+"""
+
+NOTICE = """<p class="notice">{notice}</p>
+"""
+
+WELCOME = """<p>This app connects to a Mailchimp account with OAuth 2. Mailchimp will ask you
+to log in and to approve access; then you come back here.</p>
+<p><a class="button" href="/auth/mailchimp">Connect with Mailchimp</a></p>"""
+
+CONNECTED = """<p>Mailchimp accepted the connection. What the app keeps:</p>
+<dl>
+<dt>Account</dt><dd>{account}</dd>
+<dt>Server prefix</dt><dd><code>{prefix}</code></dd>
+<dt>Access token</dt><dd><code>{token}</code> (masked: it never appears in full)</dd>
+<dt>Connected at</dt><dd>{connected_at}</dd>
+<dt>Last ping</dt><dd>{pinged_at}: {health}</dd>
+</dl>
+<form method="post" action="/ping"><button type="submit">Ping Mailchimp again</button></form>
+<form method="post" action="/disconnect"><button class="quiet" type="submit">Disconnect</button></form>"""
+
+DISCONNECTED = """<p>This app has forgotten the access token and the server prefix.</p>
+<p>The token itself keeps working until the user revokes it, and Mailchimp has no endpoint for
+that: to take this app's access away entirely, remove the app in your Mailchimp account.</p>
+<p><a href="/">Back to the start</a></p>"""
+
+PROBLEM = """<p>{message}</p>
+<p>{hint}</p>
+<p><a href="/">Back to the start</a></p>"""
+
+
+def render(template: str, **values: str) -> str:
+    """Fill a template, escaping every value: nothing from outside becomes markup."""
+    return template.format(**{name: html.escape(value) for name, value in values.items()})
+
+
+def page(title: str, content: str, notice: str = "") -> bytes:
+    """A whole page around content that is already markup (made by render)."""
+    return PAGE.format(title=html.escape(title), content=content, style=STYLESHEET,
+                       notice=render(NOTICE, notice=notice) if notice else "").encode("utf-8")
+
+
+def connected_page(connection: Connection, notice: str = "") -> bytes:
+    """Step 1, once this browser has connected: what the app knows, token masked."""
+    return page("Connected to Mailchimp", render(
+        CONNECTED, account=connection.account_name, prefix=connection.server_prefix,
+        token=mask(connection.access_token), connected_at=connection.connected_at,
+        pinged_at=connection.pinged_at, health=connection.health_status), notice)
+
+
+def problem_page(status: HTTPStatus, message: str, hint: str = "", notice: str = "") -> bytes:
+    """The one error page: what went wrong, and what to do about it."""
+    return page(f"{status.value} {status.phrase}", render(PROBLEM, message=message, hint=hint),
+                notice)
+
+
+# ---------------------------------------------------------------------------
+# HTTP: a request in, a Visit to the app, its Response out
+# ---------------------------------------------------------------------------
+
+MAX_BODY_BYTES = 16 * 1024  # the only bodies are forms of a few fields
+MAX_HEAD_BYTES = 32 * 1024  # request line and headers; a browser's are 1 to 8 KiB
+
+SECURITY_HEADERS = (
+    ("Cache-Control", "no-store"),  # pages hold account data, URLs hold codes: never cache
+    # The callback URL holds the code: no other site is told it. Our own forms still carry
+    # their real Origin (under no-referrer a browser sends "Origin: null", even to us).
+    ("Referrer-Policy", "same-origin"),
+    ("X-Content-Type-Options", "nosniff"),  # the browser believes our Content-Type, not a guess
+    ("Content-Security-Policy", POLICY),  # no scripts, frames or foreign forms; our style only
+)
+
+
+class HeadTooLarge(Exception):
+    """The request line and headers went past MAX_HEAD_BYTES."""
+
+
+class RequestInput(io.RawIOBase):
+    """A connection's input, under two limits for each request: all of it must arrive by a
+    deadline, however slowly the bytes trickle in (slowloris), and its head within
+    MAX_HEAD_BYTES, however many header lines a client sends."""
+
+    def __init__(self, sock: socket.socket, seconds: float) -> None:
+        self.sock, self.seconds, self.timeout = sock, seconds, seconds
+        self.sock.settimeout(seconds)
+        self.deadline = 0.0
+        self.head_left = 0  # bytes the head may still take; -1 once the head is read
+        self.hung_up = False  # the client closed the connection with its head unfinished
+
+    def expect_request(self) -> None:
+        """The clock starts: for the first request, at connect; then, at the last answer."""
+        self.deadline, self.head_left = time.monotonic() + self.seconds, MAX_HEAD_BYTES
+        self.hung_up = False
+
+    def head_read(self) -> None:
+        self.head_left = -1
+
+    def request_read(self) -> None:
+        self.deadline = math.inf
+        if self.timeout != self.seconds:
+            self.timeout = self.seconds
+            self.sock.settimeout(self.seconds)  # for writing the answer
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            # http.server closes the connection; on Python 3.9 it catches only socket.timeout
+            raise socket.timeout("the request did not arrive in time")  # noqa: UP041
+        if self.head_left == 0:
+            raise HeadTooLarge
+        if left < self.timeout - 1:  # near the deadline, no read may outlast it (by over 1 s;
+            self.timeout = left  # settimeout lets go of the GIL: too dear for every read)
+            self.sock.settimeout(left)
+        size = len(buffer) if self.head_left < 0 else min(len(buffer), self.head_left)
+        received = self.sock.recv_into(buffer, size)  # counting what arrives with the head
+        if self.head_left >= 0:
+            self.head_left -= received
+            self.hung_up = received == 0
+        return received
+
+
+def framing_problem(headers: email.message.Message) -> str:
+    """Why a request's length is ambiguous (RFC 9112 §5, §6.3), or "". Two readers of one
+    ambiguous request can disagree on where it ends: the rest is smuggled in as another."""
+    if headers.defects:  # a line with no colon, or a space before it: the parser stopped there
+        return "a header line is malformed"
+    if any("\n" in value for value in headers.values()):
+        return "a header is folded over two lines"
+    lengths = headers.get_all("Content-Length") or []
+    if len(lengths) > 1 or not all(re.fullmatch(r"[0-9]{1,9}", length) for length in lengths):
+        return "Content-Length is repeated or not a number"
+    if "Transfer-Encoding" in headers:
+        return "Transfer-Encoding is not accepted on requests"
+    return ""
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    """Reads a request into a Visit, asks the server's app, and sends the Response it gets."""
+
+    protocol_version = "HTTP/1.1"  # keep-alive, as browsers expect
+    default_request_version = "HTTP/1.0"  # not 0.9: a garbled request still gets our headers
+    # Buffered, so headers and body leave in one write when http.server flushes after each
+    # request: two small writes on a kept-alive connection wait 40 ms for Nagle and delayed ACK.
+    wbufsize = 64 * 1024
+    server: Server
+
+    def setup(self) -> None:
+        """http.server's streams, with input under the limits of RequestInput."""
+        self.connection = self.request
+        self.input = RequestInput(self.connection, self.server.request_timeout)
+        self.rfile = io.BufferedReader(self.input)
+        self.wfile = self.connection.makefile("wb", self.wbufsize)
+
+    def handle_one_request(self) -> None:
+        """http.server's, with the clock started and a head past MAX_HEAD_BYTES refused."""
+        self.input.expect_request()
+        try:
+            super().handle_one_request()
+        except HeadTooLarge:
+            self.command, self.request_version = "", self.default_request_version
+            self.refuse(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE,
+                        f"a request head over {MAX_HEAD_BYTES} bytes")
+
+    def parse_request(self) -> bool:
+        """http.server's parsing, then the framing rules it leaves out; nothing for a client
+        that hung up half-way through its head (there is no one to answer)."""
+        parsed = not self.input.hung_up and super().parse_request()
+        self.input.head_read()
+        if self.input.hung_up:
+            self.close_connection = True
+            logger.debug("%s%s hung up mid-request", self.server.label, self.client_address[0])
+            return False
+        problem = framing_problem(self.headers) if parsed else ""
+        if problem:
+            self.refuse(HTTPStatus.BAD_REQUEST, problem)
+        return parsed and not problem
+
+    def answer(self) -> None:
+        """Turn the request into a Visit and send the app's Response, all before a stop."""
+        path, _, query = self.path.partition("?")
+        form = self.read_form()
+        self.input.request_read()
+        visit = Visit(path, query,
+                      session=session_from("; ".join(self.headers.get_all("Cookie") or [])),
+                      form=form, authorization=self.headers.get("Authorization", ""),
+                      host=self.headers.get("Host", ""), origin=self.headers.get("Origin", ""),
+                      fetch_site=self.headers.get("Sec-Fetch-Site", ""))
+        with self.server.in_flight():
+            try:
+                response = self.server.app.respond(self.command, visit)
+            except Exception:  # a bug: the operator gets the traceback, the browser a page
+                logger.exception("%sbug while answering %s %s", self.server.label,
+                                 self.command, printable(path, 100))
+                response = Response(HTTPStatus.INTERNAL_SERVER_ERROR, problem_page(
+                    HTTPStatus.INTERNAL_SERVER_ERROR, "Something went wrong inside this app; "
+                    "the details are in its log."), note="see the traceback above")
+            self.deliver(response)
+            self.wfile.flush()
+
+    do_GET = do_HEAD = do_POST = answer  # the app decides what each method may do
+
+    def handle_expect_100(self) -> bool:
+        """Send "100 Continue" now: in the write buffer, a client waiting for it would wait
+        until it gave up."""
+        proceed = super().handle_expect_100()
+        self.wfile.flush()
+        return proceed
+
+    def read_form(self) -> dict[str, str] | None:
+        """The body's fields, if it is a small urlencoded form; any body is consumed or refused."""
+        length = int(self.headers.get("Content-Length", "0"))  # a number: parse_request saw
+        if length > MAX_BODY_BYTES:
+            self.close_connection = True  # an unread body must not be parsed as the next request
+            return None
+        body = self.rfile.read(length)
+        if self.headers.get_content_type() != "application/x-www-form-urlencoded":
+            return None
+        try:
+            return parse_fields(body.decode("ascii"))
+        except ValueError:  # not ASCII, repeated or too many fields: not a form we can read
+            return None
+
+    def deliver(self, response: Response) -> None:
+        """Status, headers and body in one go; for HEAD, everything but the body."""
+        self.log_response(response)
+        own = {name for name, _ in response.headers}  # a route may set its own policy
+        self.send_response_only(response.status)
+        self.send_header("Date", self.date_time_string())
+        for name, value in (*[h for h in SECURITY_HEADERS if h[0] not in own], *response.headers):
+            self.send_header(name, value)
+        self.send_header("Content-Type", response.content_type)
+        self.send_header("Content-Length", str(len(response.body)))
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(response.body)
+
+    def send_error(self, code: int, message: str | None = None,
+                   explain: str | None = None) -> None:
+        """http.server's own refusals (malformed request, unknown method, ...) as our page.
+        Its message can quote the request line, query string and all, so it is not shown."""
+        self.refuse(HTTPStatus(code), "http.server refused the request")
+
+    def refuse(self, status: HTTPStatus, why: str) -> None:
+        """Refuse a request we could not read, and close: the stream can't be trusted now."""
+        self.close_connection = True
+        self.deliver(Response(status, problem_page(status, status.description), note=why))
+
+    def log_response(self, response: Response) -> None:
+        """One line a request: who, what, the status, and why; never the query string.
+        A failure is a warning; a success is DEBUG, since the steps tell the story."""
+        level = logging.WARNING if response.status >= 400 else logging.DEBUG
+        if not logger.isEnabledFor(level):
+            return
+        target = f"{self.command} {printable(self.path.partition('?')[0], 100)}" \
+            if self.command else "(unreadable request)"
+        logger.log(level, "%s%s %s -> %d%s", self.server.label, self.client_address[0],
+                   target, response.status, f" {response.note}" if response.note else "")
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """http.server's own messages; only "Request timed out" on an idle connection is left."""
+        logger.debug("%s%s %s", self.server.label, self.client_address[0], format % args)
+
+
+# ---------------------------------------------------------------------------
+# The server: a thread per connection, within bounds
+# ---------------------------------------------------------------------------
+
+class App(Protocol):
+    """What a Server serves: the OAuthDemo, or the sandbox's stand-in for Mailchimp."""
+
+    def respond(self, method: str, visit: Visit) -> Response: ...
+
+
+class Server(http.server.ThreadingHTTPServer):
+    """A thread per connection, every request answered by one app, within bounds: at most
+    max_connections at once, each request given request_timeout seconds to arrive."""
+
+    daemon_threads = True  # a stop doesn't wait for idle keep-alive connections
+    request_queue_size = 1024  # the listen backlog: a burst of browsers waits, not refused
+    app: App
+
+    def __init__(self, address: tuple[str, int], *, request_timeout: float = 10.0,
+                 max_connections: int = 0, label: str = "") -> None:
+        self.host = address[0]
+        self.request_timeout = request_timeout
+        self.label = label  # a prefix for its log lines
+        self.max_connections = max_connections or connection_cap()
+        self.connections = 0
+        self.full = False  # reached max_connections, and not yet back down to half of it
+        self.room = threading.Condition()  # notified when a connection closes
+        self.working = 0
+        self.idle = threading.Condition()  # notified when a request has been answered
+        if ":" in self.host:
+            self.address_family = socket.AF_INET6
+        super().__init__(address, Handler)
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        """Accept a connection if there is room; if not, new ones wait in the backlog (this
+        waits for room half a second at a time, so that a stop is heard, and never spins)."""
+        with self.room:
+            if not self.room.wait_for(lambda: self.connections < self.max_connections, 0.5):
+                raise OSError("no room for another connection")  # serve_forever tries again
+            request = super().get_request()
+            self.connections += 1
+            if self.connections == self.max_connections and not self.full:
+                self.full = True  # said once for a siege, not at each connection it replaces
+                logger.warning("%sserving %d connections, the most it will; new ones wait",
+                               self.label, self.max_connections)
+        return request
+
+    def close_request(self, request: Any) -> None:
+        super().close_request(request)
+        with self.room:
+            self.connections -= 1
+            if self.full and self.connections <= self.max_connections // 2:
+                self.full = False
+                logger.warning("%sdown to %d connections", self.label, self.connections)
+            self.room.notify()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that hangs up or resets mid-request is no news: one DEBUG line. Anything
+        else is a bug, and its traceback goes to the log."""
+        if isinstance(sys.exc_info()[1], OSError):
+            logger.debug("%s%s went away: %s", self.label, client_address[0], sys.exc_info()[1])
+        else:
+            logger.exception("%sbug while serving %s", self.label, client_address[0])
+
+    @contextlib.contextmanager
+    def in_flight(self) -> Iterator[None]:
+        """Count a request as being answered, so a stop can wait for it."""
+        with self.idle:
+            self.working += 1
+        try:
+            yield
+        finally:
+            with self.idle:
+                self.working -= 1
+                self.idle.notify_all()
+
+    def finish_requests(self, seconds: float) -> bool:
+        """Wait for the requests being answered, up to seconds; whether they all finished."""
+        with self.idle:
+            return self.idle.wait_for(lambda: self.working == 0, seconds)
+
+    def server_bind(self) -> None:
+        """Bind, skipping http.server's reverse DNS lookup of our own address: nothing here
+        uses the name, and a resolver that never answers would hold up start-up for seconds."""
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = self.host, self.server_address[1]
+
+    @property
+    def origin(self) -> str:
+        """http://host:port, with the port actually bound."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.server_port}"
+
+
+def connection_cap() -> int:
+    """How many connections to serve at once: each can hold three open files (its socket,
+    one to Mailchimp and, in the sandbox, the stand-in's end of that), and 64 are kept for
+    the store, the log and Python. Past the open-file limit, accept() fails in a busy loop."""
+    try:
+        import resource  # POSIX only
+    except ImportError:
+        return 500
+    files, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return 1000 if files == resource.RLIM_INFINITY else max(4, min(1000, (files - 64) // 3))
+
+
+def make_server(config: Config, *, host: str = "127.0.0.1", port: int = 3000,
+                opener: Opener | None = None, store: Store | None = None,
+                logins: PendingLogins | None = None, request_timeout: float = 10.0,
+                max_connections: int = 0, notice: str = "") -> tuple[Server, OAuthDemo]:
+    """Bind (port 0 picks a free port), then build the app for the address actually bound."""
+    server = Server((host, port), request_timeout=request_timeout,
+                    max_connections=max_connections)
+    server.app = app = OAuthDemo(
+        replace(config, base_url=config.base_url or server.origin),
+        opener=opener or urllib.request.build_opener(),
+        store=store or Store(), logins=logins or PendingLogins(), notice=notice)
+    return server, app
+
+
+# ---------------------------------------------------------------------------
+# Configuration and the command line
+# ---------------------------------------------------------------------------
 
 class ConfigError(Exception):
     """A setting is missing or unsafe: main() prints it as one line and exits with status 2."""
@@ -114,7 +1143,7 @@ def config_from_env(environ: Mapping[str, str], *, base_url: str = "",
     config = Config(
         client_id=required(environ, "MAILCHIMP_CLIENT_ID"),
         client_secret=required(environ, "MAILCHIMP_CLIENT_SECRET"),
-        base_url=check_base_url(base_url) if base_url else "",
+        base_url=base_url,
         login_url=environ.get("MAILCHIMP_LOGIN_URL", LOGIN_URL).rstrip("/"),
         api_url=environ.get("MAILCHIMP_API_URL", API_URL).rstrip("/"),
         timeout=timeout,
@@ -197,384 +1226,109 @@ def origin_of(url: str) -> str:
     return f"{scheme}://{host}" + (f":{port}" if port not in (None, default) else "")
 
 
-# ---------------------------------------------------------------------------
-# The Mailchimp calls: build each request, read each reply (no sockets here)
-# ---------------------------------------------------------------------------
-
-AUTHORIZE_PATH = "/oauth2/authorize"
-TOKEN_PATH = "/oauth2/token"
-METADATA_PATH = "/oauth2/metadata"
-
-STEP_AUTHORIZE = "step 2 (authorize)"
-STEP_CALLBACK = "step 3 (callback)"
-STEP_TOKEN = "step 4 (token exchange)"
-STEP_METADATA = "step 5 (metadata)"
-STEP_PING = "step 6 (ping)"
-STEP_KEEP = "step 7 (keeping the connection)"
-
-MAX_REPLY_BYTES = 64 * 1024  # Mailchimp's replies are tiny; a huge one is a fault, not data
-AUTH_CODE = re.compile(r"[\x20-\x7e]{1,512}")  # RFC 6749 App. A.11: code is printable ASCII
-ACCESS_TOKEN = re.compile(r"[A-Za-z0-9._~+/-]{1,512}=*")  # RFC 6750 §2.1: safe in a header
-SERVER_PREFIX = re.compile(r"[a-z]{1,10}[0-9]{1,10}")  # "us19": nothing that can reshape a URL
-
-# The likely cause of each failure, and its fix, in words a newcomer can act on.
-HINT_START_AGAIN = "Start again from the app's start page."
-HINT_ROTATED_SECRET = ("Mailchimp did not accept the client id and secret. If the secret was "
-                       "rotated, put the new one in MAILCHIMP_CLIENT_SECRET and restart.")
-HINT_OLD_CODE = ("The code was used already or is over ten minutes old, or redirect_uri is not "
-                 "the one sent in step 2. Start again; if it keeps happening, register exactly "
-                 "the redirect URI the app prints at start-up.")
-HINT_REVOKED = ("Mailchimp no longer accepts this token: the user may have removed the app "
-                "from their account. This app has forgotten it; connect again.")
-HINT_UNEXPECTED = ("Mailchimp's answer is not what its guide describes. If MAILCHIMP_LOGIN_URL "
-                   "or MAILCHIMP_API_URL point at another server, look there.")
-HINT_UNREACHABLE = ("Check the internet connection, any proxy settings, and "
-                    "MAILCHIMP_LOGIN_URL and MAILCHIMP_API_URL.")
-HINT_SLOW = "Try again; on a slow network, give Mailchimp longer with --timeout."
-HINTS = {  # Mailchimp's refusals: (step, its error or status) -> hint
-    (STEP_TOKEN, "invalid_client"): HINT_ROTATED_SECRET,
-    (STEP_TOKEN, 401): HINT_ROTATED_SECRET,
-    (STEP_TOKEN, "invalid_grant"): HINT_OLD_CODE,
-    (STEP_TOKEN, "redirect_uri_mismatch"): HINT_OLD_CODE,
-    (STEP_TOKEN, "invalid_request"): ("Mailchimp wants the five fields as a form "
-                                      "(application/x-www-form-urlencoded), not JSON."),
-    (STEP_METADATA, 401): ("The metadata call must send 'Authorization: OAuth <token>' "
-                           "with the token Mailchimp just issued."),
-    (STEP_PING, 401): HINT_REVOKED + " (Or the call went to another account's server prefix.)",
-    (STEP_PING, 404): ("The API address is wrong: MAILCHIMP_API_URL must contain {dc}, "
-                       "which the server prefix from step 5 replaces."),
-}
+ENVIRONMENT = """environment:
+  MAILCHIMP_CLIENT_ID      your app's client_id, from Mailchimp's Registered Apps
+  MAILCHIMP_CLIENT_SECRET  its client_secret (neither is needed with --sandbox)
+  MAILCHIMP_LOGIN_URL      OAuth endpoints (default https://login.mailchimp.com)
+  MAILCHIMP_API_URL        API (default https://{dc}.api.mailchimp.com/3.0)"""
 
 
-class FlowError(Exception):
-    """A step failed: the status to answer, the step, a message safe to show and to log, the
-    likely cause and fix, and Mailchimp's own status when it answered with an error."""
-
-    def __init__(self, status: HTTPStatus, step: str, message: str, hint: str = "",
-                 mailchimp_status: int = 0) -> None:
-        super().__init__(f"{step}: {message}")
-        self.status = status
-        self.step = step
-        self.message = message
-        self.hint = hint
-        self.mailchimp_status = mailchimp_status
-
-
-def authorize_url(config: Config, state: str) -> str:
-    """Step 2: where the browser goes to log in to Mailchimp and approve this app."""
-    query = urllib.parse.urlencode({
-        "response_type": "code",
-        "client_id": config.client_id,
-        "redirect_uri": config.redirect_uri,
-        "state": state,  # RFC 6749 §10.12: ties the callback to the browser that started here
-    })  # no `scope`: Mailchimp has none and rejects the parameter
-    return f"{config.login_url}{AUTHORIZE_PATH}?{query}"
-
-
-@dataclass(frozen=True)
-class Callback:
-    """Step 3: what Mailchimp put in the query string when it sent the browser back."""
-
-    state: str = ""
-    code: str = field(default="", repr=False)
-    error: str = ""
-    error_description: str = ""
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """--host, --port, --base-url, --timeout, --store, --quiet or --verbose, and --sandbox."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None,
+                                     epilog=ENVIRONMENT,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on (default 127.0.0.1)")
+    parser.add_argument("--port", type=port_number, default=3000,
+                        help="port to listen on; 0 picks one (default 3000)")
+    parser.add_argument("--base-url", default="",
+                        help="where browsers reach this app (default http://HOST:PORT)")
+    parser.add_argument("--timeout", type=positive_seconds, default=10.0,
+                        help="seconds to wait for Mailchimp (default 10)")
+    parser.add_argument("--store", metavar="PATH",
+                        help="keep connections in this SQLite database, across restarts "
+                        "(default: in memory)")
+    loudness = parser.add_mutually_exclusive_group()
+    loudness.add_argument("--quiet", action="store_true",
+                          help="log warnings only, not each step of a login")
+    loudness.add_argument("--verbose", action="store_true",
+                          help="also log every request, the stand-in's included")
+    parser.add_argument("--sandbox", action="store_true",
+                        help="run against a stand-in for Mailchimp on this machine; no account")
+    return parser.parse_args(argv)
 
 
-def read_callback(query: str) -> Callback:
-    """Step 3: parse the callback's query string; anything odd is a 400, never a guess."""
+def port_number(text: str) -> int:
+    """argparse type for a TCP port (0 lets the system pick one)."""
+    if not text.isascii() or not text.isdigit() or int(text) > 65535:
+        raise argparse.ArgumentTypeError(f"must be a port from 0 to 65535, not {text}")
+    return int(text)
+
+
+def positive_seconds(text: str) -> float:
+    """argparse type for a timeout: more than nothing, less than forever."""
     try:
-        fields = parse_fields(query)
-    except ValueError as err:
-        raise FlowError(HTTPStatus.BAD_REQUEST, STEP_CALLBACK,
-                        f"The callback's query string could not be read ({err}).",
-                        HINT_START_AGAIN) from err
-    return Callback(**{name: fields[name] for name in
-                       ("state", "code", "error", "error_description") if name in fields})
-
-
-def parse_fields(text: str) -> dict[str, str]:
-    """URL-encoded fields, strictly: UTF-8, at most ten, none repeated (which would be meant?)."""
-    pairs = urllib.parse.parse_qsl(text, keep_blank_values=True, errors="strict",
-                                   max_num_fields=10)
-    fields = dict(pairs)
-    if len(fields) != len(pairs):
-        raise ValueError("a parameter is repeated")
-    return fields
-
-
-def denied(callback: Callback) -> FlowError:
-    """Step 3: Mailchimp sent an error instead of a code (the user clicked Deny, say)."""
-    said = printable(f"{callback.error}: {callback.error_description}".rstrip(": "))
-    if callback.error == "access_denied":
-        return FlowError(HTTPStatus.FORBIDDEN, STEP_CALLBACK,
-                         f"Access was not granted, so nothing was shared ({said}).",
-                         "You can connect whenever you like.")
-    busy = callback.error in ("server_error", "temporarily_unavailable")  # RFC 6749 §4.1.2.1
-    return FlowError(HTTPStatus.BAD_GATEWAY, STEP_CALLBACK,
-                     f"Mailchimp refused the authorization request ({said}).",
-                     "Mailchimp is having trouble; try again in a minute." if busy else
-                     "Check that MAILCHIMP_CLIENT_ID is the client_id of a registered app.")
-
-
-def check_code(callback: Callback) -> str:
-    """Step 3: the authorization code, if it looks like one."""
-    if not callback.code:
-        raise FlowError(HTTPStatus.BAD_REQUEST, STEP_CALLBACK, "The callback carries no code.",
-                        HINT_START_AGAIN)
-    if not AUTH_CODE.fullmatch(callback.code):
-        raise FlowError(HTTPStatus.BAD_REQUEST, STEP_CALLBACK,
-                        "The callback's code does not look like an authorization code.",
-                        HINT_START_AGAIN)
-    return callback.code
-
-
-def token_request(config: Config, code: str) -> urllib.request.Request:
-    """Step 4: the POST that trades the one-time code for an access token."""
-    form = urllib.parse.urlencode({
-        "grant_type": "authorization_code",
-        "client_id": config.client_id,
-        "client_secret": config.client_secret,
-        "redirect_uri": config.redirect_uri,  # must equal step 2's, byte for byte
-        "code": code,
-    })
-    return urllib.request.Request(
-        config.login_url + TOKEN_PATH, data=form.encode("ascii"), method="POST",
-        headers={"Content-Type": "application/x-www-form-urlencoded",  # a form: JSON is refused
-                 "Accept": "application/json"})
-
-
-def read_token(reply: Reply) -> str:
-    """Step 4: the token from {"access_token": "...", "expires_in": 0, "scope": null}."""
-    token = reply_field(reply_json(reply, STEP_TOKEN), STEP_TOKEN, "access_token")
-    if not ACCESS_TOKEN.fullmatch(token):  # it goes into a header next: no spaces, no CR/LF
-        raise FlowError(HTTPStatus.BAD_GATEWAY, STEP_TOKEN,
-                        "Mailchimp's access token has characters a token cannot have.",
-                        HINT_UNEXPECTED)
-    return token
-
-
-def metadata_request(config: Config, token: str) -> urllib.request.Request:
-    """Step 5: ask whose account the token opens and, above all, its server prefix."""
-    return authorized(config.login_url + METADATA_PATH, f"OAuth {token}")
-
-
-@dataclass(frozen=True)
-class Account:
-    """Step 5: the part of Mailchimp's metadata this app uses."""
-
-    server_prefix: str
-    name: str
-
-
-def read_metadata(reply: Reply) -> Account:
-    """Step 5: the server prefix (checked: it becomes part of a URL) and the account name."""
-    data = reply_json(reply, STEP_METADATA)
-    prefix = reply_field(data, STEP_METADATA, "dc")
-    if not SERVER_PREFIX.fullmatch(prefix):  # "evil.example/x#" would send the token elsewhere
-        raise FlowError(HTTPStatus.BAD_GATEWAY, STEP_METADATA,
-                        f"Mailchimp's server prefix {printable(prefix)!r} does not look like "
-                        "one (letters then digits, like us19).",
-                        "The app refused to build an address from it, so the token went nowhere. "
-                        + HINT_UNEXPECTED)
-    return Account(prefix, printable(reply_field(data, STEP_METADATA, "accountname")))
-
-
-def ping_request(config: Config, server_prefix: str, token: str) -> urllib.request.Request:
-    """Step 6: the Marketing API's ping, at this account's own server prefix."""
-    return authorized(config.api_url.replace("{dc}", server_prefix) + "/ping", f"Bearer {token}")
-
-
-def read_ping(reply: Reply) -> str:
-    """Step 6: the API's health status, e.g. "Everything's Chimpy!"."""
-    return printable(reply_field(reply_json(reply, STEP_PING), STEP_PING, "health_status"))
-
-
-def authorized(url: str, authorization: str) -> urllib.request.Request:
-    """A GET carrying the token, which must never follow a redirect to another host."""
-    request = urllib.request.Request(url, headers={"Accept": "application/json"})
-    request.add_unredirected_header("Authorization", authorization)  # urllib copies plain headers
-    return request
-
-
-@dataclass(frozen=True)
-class Reply:
-    """What Mailchimp answered: the status, the first MAX_REPLY_BYTES of the body, and how
-    many seconds it took."""
-
-    status: int
-    body: bytes
-    seconds: float = 0.0
-
-
-def reply_json(reply: Reply, step: str) -> dict[str, Any]:
-    """A 2xx reply's JSON object; anything else is a 502 that says what Mailchimp said."""
-    if not 200 <= reply.status < 300:
-        raise refusal(reply, step)
-    try:
-        data = json.loads(reply.body.decode("utf-8"))
-    except (ValueError, RecursionError) as err:  # RecursionError: absurdly nested JSON
-        raise FlowError(HTTPStatus.BAD_GATEWAY, step, "Mailchimp's reply was not JSON.",
-                        HINT_UNEXPECTED) from err
-    if not isinstance(data, dict):
-        raise FlowError(HTTPStatus.BAD_GATEWAY, step, "Mailchimp's reply was not a JSON object.",
-                        HINT_UNEXPECTED)
-    return data
-
-
-def reply_field(data: dict[str, Any], step: str, name: str) -> str:
-    """One non-empty string field of a reply."""
-    value = data.get(name)
-    if not isinstance(value, str) or not value:
-        raise FlowError(HTTPStatus.BAD_GATEWAY, step, f"Mailchimp's reply has no {name} text.",
-                        HINT_UNEXPECTED)
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0 < value <= 300:
+        raise argparse.ArgumentTypeError(f"must be more than 0 and at most 300 seconds, "
+                                         f"not {text}")
     return value
 
 
-def refusal(reply: Reply, step: str) -> FlowError:
-    """A non-2xx reply as a 502, quoting Mailchimp's OAuth error or API problem."""
-    error, said = mailchimp_said(reply.body)
-    message = f"Mailchimp answered {reply.status}" + (f": {said}" if said else ".")
-    hint = HINTS.get((step, error)) or HINTS.get((step, reply.status)) or (
-        "Mailchimp is having trouble; try again in a minute." if reply.status >= 500
-        else HINT_UNEXPECTED)
-    return FlowError(HTTPStatus.BAD_GATEWAY, step, message, hint, reply.status)
+STOP_SECONDS = 5.0  # how long a stop waits for the requests being answered
 
 
-def mailchimp_said(body: bytes) -> tuple[str, str]:
-    """The error code and its words from an error body, OAuth style or problem+json style."""
+def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] = os.environ) -> int:
+    """Run the demo until Ctrl+C; exit status 2 for a setting that is missing or unsafe."""
+    args = parse_args(argv)
     try:
-        data = json.loads(body.decode("utf-8"))
-    except (ValueError, RecursionError):
-        return "", ""
-    if not isinstance(data, dict):
-        return "", ""
-    words = [data.get(key) for key in ("error", "error_description", "title", "detail")]
-    said = ": ".join(printable(word) for word in words if isinstance(word, str) and word)
-    error = data.get("error")
-    return (error if isinstance(error, str) else ""), said
-
-
-def printable(text: str, limit: int = 200) -> str:
-    """Outside text made fit for a page or a log line: no control characters, bounded length."""
-    cleaned = "".join(ch if ch.isprintable() else " " for ch in text[:limit])
-    return cleaned + ("..." if len(text) > limit else "")
-
-
-# ---------------------------------------------------------------------------
-# The network: one seam, so tests and the sandbox can swap the HTTP client
-# ---------------------------------------------------------------------------
-
-class Opener(Protocol):
-    """What the app needs of an HTTP client: urllib's build_opener(), or a test's fake."""
-
-    def open(self, fullurl: urllib.request.Request, /, *, timeout: float) -> Any: ...
-
-
-def send(opener: Opener, request: urllib.request.Request, *, timeout: float,
-         step: str) -> Reply:
-    """Send one request to Mailchimp; no answer in time is a 504, no answer at all a 502."""
-    host, started = urllib.parse.urlsplit(request.full_url).netloc, time.perf_counter()
+        if not is_loopback(args.host) and not args.base_url:
+            raise ConfigError(f"--host {args.host} is reachable from other machines, so it "
+                              "needs --base-url https://...: the address browsers use")
+        store = Store(args.store) if args.store else Store()
+        if args.sandbox:  # the stand-in at the end of this file
+            server, app = sandboxed(start_sandbox(), args, store)
+        else:
+            config = config_from_env(environ, base_url=args.base_url, timeout=args.timeout)
+            server, app = make_server(config, host=args.host, port=args.port, store=store)
+    except (ConfigError, StoreError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # the port is taken, or the address isn't this machine's
+        hint = ": is the app running already? Choose another port with --port" \
+            if err.errno == errno.EADDRINUSE else ""
+        print(f"error: cannot listen on {args.host} port {args.port}: {err.strerror}{hint}",
+              file=sys.stderr)
+        return 2
+    print(f"Mailchimp OAuth 2 demo, listening. Press Ctrl+C to stop.\n"
+          f"  open in your browser:      {app.config.base_url}/\n"
+          + ("  redirect URI (stand-in):   " if args.sandbox else "  redirect URI to register:  ")
+          + f"{app.config.redirect_uri}\n"
+          f"  Mailchimp login server:    {app.config.login_url}\n"
+          f"  connections kept in:       {store.where}", flush=True)
+    if app.notice:
+        print(app.notice, flush=True)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    logger.setLevel(logging.WARNING if args.quiet else
+                    logging.DEBUG if args.verbose else logging.INFO)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # systemd, docker: as Ctrl+C
     try:
-        response = open_reply(opener, request, timeout)
-        try:
-            status, body = int(response.status), response.read(MAX_REPLY_BYTES + 1)
-        finally:
-            response.close()
-    except (http.client.HTTPException, OSError) as err:  # URLError and timeouts are OSErrors
-        raise no_answer(err, host, timeout, step) from err
-    if len(body) > MAX_REPLY_BYTES:
-        raise FlowError(HTTPStatus.BAD_GATEWAY, step, f"{host} sent an oversized reply.",
-                        HINT_UNEXPECTED)
-    return Reply(status, body, time.perf_counter() - started)
-
-
-def no_answer(err: Exception, host: str, timeout: float, step: str) -> FlowError:
-    """Why no answer came: too slow is a 504; unreachable or cut off is a 502."""
-    reason = err.reason if isinstance(err, urllib.error.URLError) else err  # urllib wraps it
-    if isinstance(reason, (TimeoutError, socket.timeout)):  # two classes on Python 3.9
-        return FlowError(HTTPStatus.GATEWAY_TIMEOUT, step,
-                         f"{host} did not answer within {timeout:g} s.", HINT_SLOW)
-    if isinstance(err, urllib.error.URLError):
-        return FlowError(HTTPStatus.BAD_GATEWAY, step,
-                         f"Could not reach {host}: {printable(str(reason))}.", HINT_UNREACHABLE)
-    return FlowError(HTTPStatus.BAD_GATEWAY, step,
-                     f"{host} broke off its answer ({type(err).__name__}).", HINT_UNREACHABLE)
-
-
-def open_reply(opener: Opener, request: urllib.request.Request, timeout: float) -> Any:
-    """The response, whatever its status: urllib raises non-2xx ones, but they are answers too."""
-    try:
-        return opener.open(request, timeout=timeout)
-    except urllib.error.HTTPError as err:
-        return err
+        server.serve_forever()
+    except KeyboardInterrupt:
+        server.server_close()  # no new connections; the requests being answered finish
+        print("stopping: finishing the requests being answered", flush=True)
+        if not server.finish_requests(STOP_SECONDS):
+            print(f"requests still unanswered after {STOP_SECONDS:g} s were dropped")
+        print("stopped", flush=True)
+    return 0
 
 
 # ---------------------------------------------------------------------------
-# Logins in progress, and the connections they make
+# The store: step 7's connections, one row each, in SQLite
 # ---------------------------------------------------------------------------
-
-LOGIN_LIFETIME = 600.0  # seconds; RFC 6749 §4.1.2 suggests the same 10 minutes for codes
-SESSION_COOKIE = "mailchimp_demo_session"
-SESSION_ID = re.compile(r"[A-Za-z0-9_-]{43}")  # the shape secrets.token_urlsafe(32) makes
-
-
-def new_secret() -> str:
-    """256 random bits: RFC 6749 §10.10 wants guessing odds below 2^-128."""
-    return secrets.token_urlsafe(32)
-
-
-class PendingLogins:
-    """Step 2's state values awaiting their callbacks: tied to a browser, single-use, bounded."""
-
-    def __init__(self, *, lifetime: float = LOGIN_LIFETIME, browsers: int = 1000,
-                 per_browser: int = 10, clock: Callable[[], float] = time.monotonic) -> None:
-        self.lifetime, self.browsers, self.per_browser = lifetime, browsers, per_browser
-        self.clock = clock
-        self._lock = threading.Lock()
-        self._by_session: OrderedDict[str, list[tuple[str, float]]] = OrderedDict()
-
-    def start(self, session: str) -> str:
-        """A new state for this browser; the oldest logins make way so memory stays bounded."""
-        state, now = new_secret(), self.clock()
-        with self._lock:
-            logins = [login for login in self._by_session.pop(session, []) if login[1] > now]
-            logins.append((state, now + self.lifetime))
-            self._by_session[session] = logins[-self.per_browser:]  # re-added last: newest
-            while len(self._by_session) > self.browsers:
-                self._by_session.popitem(last=False)
-        return state
-
-    def finish(self, session: str, state: str) -> bool:
-        """Whether this browser started a login with this state in time; it can't be used twice."""
-        now, given = self.clock(), state.encode()
-        with self._lock:
-            logins = self._by_session.get(session, [])
-            match = next((login for login in logins
-                          if hmac.compare_digest(login[0].encode(), given)), None)
-            if match is not None:
-                logins.remove(match)
-        return match is not None and match[1] > now
-
-    def transfer(self, old: str, new: str) -> None:
-        """Carry a browser's other logins in progress over to its new session id."""
-        with self._lock:
-            logins = self._by_session.pop(old, None)
-            if logins:
-                self._by_session[new] = logins
-
-
-@dataclass(frozen=True)
-class Connection:
-    """What step 7 keeps for a browser: in a real app, a row for this user in your database."""
-
-    access_token: str = field(repr=False)
-    server_prefix: str
-    account_name: str
-    connected_at: str  # UTC, as utc_now() writes it, like pinged_at
-    pinged_at: str
-    health_status: str  # what the ping at pinged_at answered
-
 
 class StoreError(Exception):
     """The store can't be opened, read or written; what it holds is left as it was."""
@@ -585,7 +1339,6 @@ class StoreError(Exception):
         self.status = status
 
 
-SESSION_LIFETIME = 30 * 24 * 3600  # seconds: a browser unseen this long is forgotten, token too
 STORE_ID, STORE_VERSION = 0x4D434F41, 1  # PRAGMA application_id ("MCOA") and user_version
 SCHEMA = (
     """CREATE TABLE connections (
@@ -715,814 +1468,6 @@ def claim_file(path: str) -> None:
                          f"run chmod 600 {path}")
 
 
-def session_from(cookie_header: str) -> str:
-    """The session id in a Cookie header, or "" (a cookie is outside input: check its shape)."""
-    for pair in cookie_header.split(";"):
-        name, _, value = pair.strip().partition("=")
-        if name == SESSION_COOKIE and SESSION_ID.fullmatch(value):
-            return value
-    return ""
-
-
-def session_cookie(session: str, *, secure: bool, forget: bool = False) -> str:
-    """Set-Cookie for the session: HttpOnly keeps page scripts from reading it; SameSite=Lax
-    still sends it when Mailchimp redirects the browser back, but not on cross-site POSTs;
-    Secure keeps it off plain HTTP once the app is served over HTTPS; Max-Age lets it go
-    when the store lets go of its connection."""
-    return (f"{SESSION_COOKIE}={session}; Path=/; HttpOnly; SameSite=Lax; "
-            f"Max-Age={0 if forget else SESSION_LIFETIME}" + ("; Secure" if secure else ""))
-
-
-def utc_now() -> str:
-    """The time, as the store and the pages show it."""
-    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
-
-
-def mask(token: str) -> str:
-    """Enough of a token to recognise it, not enough to use it."""
-    return "..." + token[-4:] if len(token) >= 16 else "..."
-
-
-# ---------------------------------------------------------------------------
-# Pages
-# ---------------------------------------------------------------------------
-
-STYLESHEET = """
-body { font: 16px/1.5 system-ui, sans-serif; color: #1f2328; max-width: 40rem;
-       margin: 2rem auto; padding: 0 1rem; }
-h1 { font-size: 1.6rem; margin: 1rem 0; }
-.notice { background: #fff3bf; border: 2px solid #e0a800; border-radius: .4rem;
-          padding: .6rem .9rem; font-weight: 600; }
-dl { display: grid; grid-template-columns: max-content 1fr; gap: .3rem 1.2rem; }
-dt { font-weight: 600; }
-dd { margin: 0; }
-code { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; }
-form { display: inline-block; margin: 1rem .5rem 0 0; }
-.button, button { font: inherit; display: inline-block; padding: .5rem 1.1rem; cursor: pointer;
-                  border: 1px solid #0b5cad; border-radius: .4rem; background: #0b5cad;
-                  color: #fff; text-decoration: none; }
-button.quiet { background: #fff; color: #0b5cad; }
-"""
-# The policy allows this one stylesheet by its hash, computed from the text itself, so editing
-# the style can't break the policy, and nothing injected into a page can style or script it.
-STYLE_HASH = base64.b64encode(hashlib.sha256(STYLESHEET.encode()).digest()).decode()
-POLICY = (f"default-src 'none'; style-src 'sha256-{STYLE_HASH}'; form-action 'self'; "
-          "frame-ancestors 'none'; base-uri 'none'")
-
-PAGE = """<!doctype html>
-<html lang="en">
-<head><meta charset="utf-8"><meta name="viewport" content="width=device-width">
-<title>{title}</title><style>{style}</style></head>
-<body>
-{notice}<h1>{title}</h1>
-{content}
-</body>
-</html>
-"""
-
-NOTICE = """<p class="notice">{notice}</p>
-"""
-
-WELCOME = """<p>This app connects to a Mailchimp account with OAuth 2. Mailchimp will ask you
-to log in and to approve access; then you come back here.</p>
-<p><a class="button" href="/auth/mailchimp">Connect with Mailchimp</a></p>"""
-
-CONNECTED = """<p>Mailchimp accepted the connection. What the app keeps:</p>
-<dl>
-<dt>Account</dt><dd>{account}</dd>
-<dt>Server prefix</dt><dd><code>{prefix}</code></dd>
-<dt>Access token</dt><dd><code>{token}</code> (masked: it never appears in full)</dd>
-<dt>Connected at</dt><dd>{connected_at}</dd>
-<dt>Last ping</dt><dd>{pinged_at}: {health}</dd>
-</dl>
-<form method="post" action="/ping"><button type="submit">Ping Mailchimp again</button></form>
-<form method="post" action="/disconnect"><button class="quiet" type="submit">Disconnect</button></form>"""
-
-DISCONNECTED = """<p>This app has forgotten the access token and the server prefix.</p>
-<p>The token itself keeps working until the user revokes it, and Mailchimp has no endpoint for
-that: to take this app's access away entirely, remove the app in your Mailchimp account.</p>
-<p><a href="/">Back to the start</a></p>"""
-
-PROBLEM = """<p>{message}</p>
-<p>{hint}</p>
-<p><a href="/">Back to the start</a></p>"""
-
-
-def render(template: str, **values: str) -> str:
-    """Fill a template, escaping every value: nothing from outside becomes markup."""
-    return template.format(**{name: html.escape(value) for name, value in values.items()})
-
-
-def page(title: str, content: str, notice: str = "") -> bytes:
-    """A whole page around content that is already markup (made by render)."""
-    return PAGE.format(title=html.escape(title), content=content, style=STYLESHEET,
-                       notice=render(NOTICE, notice=notice) if notice else "").encode("utf-8")
-
-
-def connected_page(connection: Connection, notice: str = "") -> bytes:
-    """Step 1, once this browser has connected: what the app knows, token masked."""
-    return page("Connected to Mailchimp", render(
-        CONNECTED, account=connection.account_name, prefix=connection.server_prefix,
-        token=mask(connection.access_token), connected_at=connection.connected_at,
-        pinged_at=connection.pinged_at, health=connection.health_status), notice)
-
-
-def problem_page(status: HTTPStatus, message: str, hint: str = "", notice: str = "") -> bytes:
-    """The one error page: what went wrong, and what to do about it."""
-    return page(f"{status.value} {status.phrase}", render(PROBLEM, message=message, hint=hint),
-                notice)
-
-
-# ---------------------------------------------------------------------------
-# The app: a table of routes, each turning a Visit into a Response
-# ---------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Visit:
-    """What an app reads from a request, already checked for shape."""
-
-    path: str = "/"
-    query: str = ""
-    session: str = ""  # the session cookie, if it is well formed
-    form: dict[str, str] | None = None  # the body's fields, if it is a small urlencoded form
-    authorization: str = ""
-    host: str = ""  # the Host header: the name the browser used for this app
-    origin: str = ""  # where a browser says a POST comes from: the Origin header ...
-    fetch_site: str = ""  # ... and Sec-Fetch-Site, in browsers that send it
-
-
-@dataclass(frozen=True)
-class Response:
-    """A response made before it is sent, with a note saying why for the log."""
-
-    status: HTTPStatus
-    body: bytes = b""
-    headers: tuple[tuple[str, str], ...] = ()
-    content_type: str = "text/html; charset=utf-8"
-    note: str = ""
-
-
-def redirect(location: str, *headers: tuple[str, str],
-             status: HTTPStatus = HTTPStatus.FOUND) -> Response:
-    """A redirect; Location comes from configuration, never from the request."""
-    return Response(status, headers=(("Location", location), *headers))
-
-
-def failure(err: FlowError, notice: str = "") -> Response:
-    """A failed step as the error page, with the same words, hint included, for the log."""
-    message = f"{err.step[0].upper()}{err.step[1:]} failed: {err.message}"
-    return Response(err.status, problem_page(err.status, message, err.hint, notice),
-                    note=f"{message} Hint: {err.hint}" if err.hint else message)
-
-
-def narrate(step: str, what: str) -> None:
-    """One line a step as a login happens, for people learning the flow: nothing secret."""
-    logger.info("%s: %s", step, what)
-
-
-def exchange(request: urllib.request.Request, reply: Reply) -> str:
-    """A call to Mailchimp in a few words: what went where, the status, and how long it took."""
-    return (f"{request.get_method()} {request.full_url} -> {reply.status} "
-            f"in {reply.seconds * 1000:.0f} ms")
-
-
-def dispatch(routes: Mapping[str, Mapping[str, Callable[[Visit], Response]]], method: str,
-             visit: Visit, notice: str = "") -> Response:
-    """Run the route for this path and method; 404 or 405 if there is none."""
-    methods = routes.get(visit.path)
-    if methods is None:
-        return Response(HTTPStatus.NOT_FOUND, problem_page(
-            HTTPStatus.NOT_FOUND, "There is no page at this address.", notice=notice))
-    action = methods.get(method)
-    if action is None:
-        allowed = ", ".join(sorted(methods))
-        return Response(HTTPStatus.METHOD_NOT_ALLOWED, problem_page(
-            HTTPStatus.METHOD_NOT_ALLOWED, f"This address accepts only {allowed}.",
-            notice=notice), headers=(("Allow", allowed),))
-    return action(visit)
-
-
-class OAuthDemo:
-    """The flow itself: steps 1, 2, and 3 to 7, one route each."""
-
-    def __init__(self, config: Config, *, opener: Opener, store: Store,
-                 logins: PendingLogins) -> None:
-        self.config = config
-        self.opener = opener
-        self.store = store
-        self.logins = logins
-        self.secure = config.base_url.startswith("https:")  # then cookies are Secure too
-        self.netloc = urllib.parse.urlsplit(config.base_url).netloc  # its Host header
-        self.welcome = page("Mailchimp OAuth 2 demo", WELCOME, config.notice)  # built once
-        self.routes = {  # HEAD only where GET changes nothing: a link checker's HEAD must
-            "/": {"GET": self.show_index, "HEAD": self.show_index},  # not spend a login
-            "/auth/mailchimp": {"GET": self.start_login},
-            CALLBACK_PATH: {"GET": self.finish_login},
-            "/ping": {"POST": self.ping_again},  # they change things: POST, from our pages only
-            "/disconnect": {"POST": self.disconnect},
-        }
-
-    def respond(self, method: str, visit: Visit) -> Response:
-        """Answer one request; a failed step becomes its error page."""
-        if self.is_loopback_alias(visit.host):  # localhost's cookie would miss the callback
-            return redirect(self.config.base_url + visit.path)
-        try:
-            return dispatch(self.routes, method, visit, self.config.notice)
-        except FlowError as err:
-            return failure(err, self.config.notice)
-        except StoreError as err:  # a full disk, say: the user gets a page, the server lives on
-            return failure(FlowError(err.status, STEP_KEEP, str(err)), self.config.notice)
-
-    def is_loopback_alias(self, host_header: str) -> bool:
-        """Whether the browser reached us by another loopback name for the same port
-        (localhost for 127.0.0.1, say). Only then is Host trusted, and only as a yes or no."""
-        if host_header == self.netloc:
-            return False  # the name it should be: the usual case, answered quickly
-        ours = urllib.parse.urlsplit(self.config.base_url)
-        try:
-            theirs = urllib.parse.urlsplit("//" + host_header)
-            ports = (ours.port or 80, theirs.port or 80)
-        except ValueError:
-            return False
-        return (ours.scheme == "http" and ports[0] == ports[1] and bool(theirs.hostname)
-                and theirs.hostname != ours.hostname
-                and is_loopback(ours.hostname or "") and is_loopback(theirs.hostname or ""))
-
-    def check_same_origin(self, visit: Visit, action: str) -> None:
-        """Refuse a POST that another site's page made (CSRF). Browsers say where a request
-        comes from in Sec-Fetch-Site, and in Origin (which our Referrer-Policy lets them fill
-        in for our own pages); both, when sent, must name this app. A client that sends
-        neither is no current browser, and SameSite=Lax keeps the cookie off old browsers'
-        cross-site posts."""
-        if visit.fetch_site not in ("", "same-origin") or (
-                visit.origin and origin_of(visit.origin) != self.config.base_url):
-            raise FlowError(HTTPStatus.FORBIDDEN, action,
-                            "This request came from another site; nothing was changed.",
-                            f"To {action}, use the button on {self.config.base_url}/.")
-
-    def show_index(self, visit: Visit) -> Response:
-        """Step 1: the start page, or what this browser's connection holds."""
-        connection = self.store.load(visit.session) if visit.session else None
-        if connection is None:
-            return Response(HTTPStatus.OK, self.welcome)
-        return Response(HTTPStatus.OK, connected_page(connection, self.config.notice))
-
-    def start_login(self, visit: Visit) -> Response:
-        """Step 2: send the browser to Mailchimp, remembering a fresh state for it."""
-        session = visit.session or new_secret()
-        state = self.logins.start(session)
-        narrate(STEP_AUTHORIZE, f"sending the browser to {self.config.login_url}{AUTHORIZE_PATH} "
-                f"with client_id {self.config.client_id}, redirect_uri "
-                f"{self.config.redirect_uri} and a new state ({mask(state)})")
-        return redirect(authorize_url(self.config, state),
-                        ("Set-Cookie", session_cookie(session, secure=self.secure)))
-
-    def finish_login(self, visit: Visit) -> Response:
-        """Steps 3 to 7, in the guide's order."""
-        code = self.check_callback(visit)
-        token = self.exchange_code(code)
-        account = self.find_account(token)
-        health = self.ping(account.server_prefix, token)
-        now = utc_now()
-        return self.keep(visit.session, Connection(
-            token, account.server_prefix, account.name, now, now, health))
-
-    def check_callback(self, visit: Visit) -> str:
-        """Step 3: first the state (our login, from this browser?), then Mailchimp's answer."""
-        callback = read_callback(visit.query)
-        if not callback.state:
-            raise FlowError(HTTPStatus.BAD_REQUEST, STEP_CALLBACK, "The callback has no state.",
-                            HINT_START_AGAIN)
-        if not (visit.session and self.logins.finish(visit.session, callback.state)):
-            raise FlowError(HTTPStatus.BAD_REQUEST, STEP_CALLBACK,
-                            "This callback does not match a login started in this browser "
-                            "in the last 10 minutes, or it was used already.",
-                            f"Start again from {self.config.base_url}/ (the same address: "
-                            "127.0.0.1 and localhost keep separate cookies).")
-        if callback.error:
-            raise denied(callback)
-        code = check_code(callback)
-        narrate(STEP_CALLBACK, f"the browser is back with a code ({mask(code)}) and the state "
-                "this browser was given")
-        return code
-
-    def exchange_code(self, code: str) -> str:
-        """Step 4: the code, the client id and the secret, for an access token."""
-        request = token_request(self.config, code)
-        reply = self.call(request, STEP_TOKEN)
-        token = read_token(reply)
-        narrate(STEP_TOKEN, f"{exchange(request, reply)}: access token {mask(token)}, "
-                "which does not expire")
-        return token
-
-    def find_account(self, token: str) -> Account:
-        """Step 5: whose account the token opens, and its server prefix."""
-        request = metadata_request(self.config, token)
-        reply = self.call(request, STEP_METADATA)
-        account = read_metadata(reply)
-        narrate(STEP_METADATA, f"{exchange(request, reply)}: server prefix "
-                f"{account.server_prefix}, account {account.name!r}")
-        return account
-
-    def ping(self, server_prefix: str, token: str) -> str:
-        """Step 6: a first call to the Marketing API, at the account's own server prefix."""
-        request = ping_request(self.config, server_prefix, token)
-        reply = self.call(request, STEP_PING)
-        health = read_ping(reply)
-        narrate(STEP_PING, f"{exchange(request, reply)}: {health!r}")
-        return health
-
-    def keep(self, old_session: str, connection: Connection) -> Response:
-        """Step 7: keep what later requests need, under a new session id (one planted in this
-        browser before the login is worth nothing now), and leave the callback's URL:
-        RFC 6749 §3.1.2.5, the code must not stay in the address bar or history."""
-        session = new_secret()
-        self.store.save(session, connection)
-        self.store.delete(old_session)
-        self.logins.transfer(old_session, session)  # other tabs may still be logging in
-        narrate(STEP_KEEP, f"connected to {connection.account_name!r}: kept its token and "
-                f"server prefix in {self.store.where}, and sent the browser to / so the code "
-                "leaves the address bar")
-        return redirect("/", ("Set-Cookie", session_cookie(session, secure=self.secure)),
-                        status=HTTPStatus.SEE_OTHER)
-
-    def ping_again(self, visit: Visit) -> Response:
-        """Later: call the API with the kept token and server prefix, no new login needed;
-        then back to / (so a reload shows the page rather than pinging again)."""
-        self.check_same_origin(visit, "ping again")
-        connection = self.store.load(visit.session) if visit.session else None
-        if connection is None:
-            return redirect("/", status=HTTPStatus.SEE_OTHER)
-        try:
-            health = self.ping(connection.server_prefix, connection.access_token)
-        except FlowError as err:
-            if err.mailchimp_status == HTTPStatus.UNAUTHORIZED:  # the user removed the app
-                self.store.delete(visit.session)
-            raise
-        kept = self.store.record_ping(visit.session, utc_now(), health)  # unless disconnected
-        renewed = session_cookie(visit.session, secure=self.secure)  # used: 30 more days
-        return redirect("/", *([("Set-Cookie", renewed)] if kept else []),
-                        status=HTTPStatus.SEE_OTHER)
-
-    def disconnect(self, visit: Visit) -> Response:
-        """Forget this browser's connection (Mailchimp has no endpoint to revoke a token)."""
-        self.check_same_origin(visit, "disconnect")
-        if visit.session:
-            self.store.delete(visit.session)
-        narrate("disconnect", "forgot this browser's connection; Mailchimp has no endpoint to "
-                "revoke the token, so the user removes the app in their account")
-        return Response(HTTPStatus.OK, page("Disconnected", DISCONNECTED, self.config.notice),
-                        (("Set-Cookie", session_cookie("", secure=self.secure, forget=True)),))
-
-    def call(self, request: urllib.request.Request, step: str) -> Reply:
-        """One request to Mailchimp, with the configured timeout."""
-        return send(self.opener, request, timeout=self.config.timeout, step=step)
-
-
-# ---------------------------------------------------------------------------
-# The request handler: HTTP in, a Visit to the app, its Response out
-# ---------------------------------------------------------------------------
-
-MAX_BODY_BYTES = 16 * 1024  # the only bodies are forms of a few fields
-MAX_HEAD_BYTES = 32 * 1024  # request line and headers; a browser's are 1 to 8 KiB
-
-SECURITY_HEADERS = (
-    ("Cache-Control", "no-store"),  # pages hold account data, URLs hold codes: never cache
-    # The callback URL holds the code: no other site is told it. Our own forms still carry
-    # their real Origin (under no-referrer a browser sends "Origin: null", even to us).
-    ("Referrer-Policy", "same-origin"),
-    ("X-Content-Type-Options", "nosniff"),  # the browser believes our Content-Type, not a guess
-    ("Content-Security-Policy", POLICY),  # no scripts, frames or foreign forms; our style only
-)
-
-
-class HeadTooLarge(Exception):
-    """The request line and headers went past MAX_HEAD_BYTES."""
-
-
-class RequestInput(io.RawIOBase):
-    """A connection's input, under two limits for each request: all of it must arrive by a
-    deadline, however slowly the bytes trickle in (slowloris), and its head within
-    MAX_HEAD_BYTES, however many header lines a client sends."""
-
-    def __init__(self, sock: socket.socket, seconds: float) -> None:
-        self.sock, self.seconds, self.timeout = sock, seconds, seconds
-        self.sock.settimeout(seconds)
-        self.deadline = 0.0
-        self.head_left = 0  # bytes the head may still take; -1 once the head is read
-        self.hung_up = False  # the client closed the connection with its head unfinished
-
-    def expect_request(self) -> None:
-        """The clock starts: for the first request, at connect; then, at the last answer."""
-        self.deadline, self.head_left = time.monotonic() + self.seconds, MAX_HEAD_BYTES
-        self.hung_up = False
-
-    def head_read(self) -> None:
-        self.head_left = -1
-
-    def request_read(self) -> None:
-        self.deadline = math.inf
-        if self.timeout != self.seconds:
-            self.timeout = self.seconds
-            self.sock.settimeout(self.seconds)  # for writing the answer
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:
-        left = self.deadline - time.monotonic()
-        if left <= 0:
-            # http.server closes the connection; on Python 3.9 it catches only socket.timeout
-            raise socket.timeout("the request did not arrive in time")  # noqa: UP041
-        if self.head_left == 0:
-            raise HeadTooLarge
-        if left < self.timeout - 1:  # near the deadline, no read may outlast it (by over 1 s;
-            self.timeout = left  # settimeout lets go of the GIL: too dear for every read)
-            self.sock.settimeout(left)
-        size = len(buffer) if self.head_left < 0 else min(len(buffer), self.head_left)
-        received = self.sock.recv_into(buffer, size)  # counting what arrives with the head
-        if self.head_left >= 0:
-            self.head_left -= received
-            self.hung_up = received == 0
-        return received
-
-
-def framing_problem(headers: email.message.Message) -> str:
-    """Why a request's length is ambiguous (RFC 9112 §5, §6.3), or "". Two readers of one
-    ambiguous request can disagree on where it ends: the rest is smuggled in as another."""
-    if headers.defects:  # a line with no colon, or a space before it: the parser stopped there
-        return "a header line is malformed"
-    if any("\n" in value for value in headers.values()):
-        return "a header is folded over two lines"
-    lengths = headers.get_all("Content-Length") or []
-    if len(lengths) > 1 or not all(re.fullmatch(r"[0-9]{1,9}", length) for length in lengths):
-        return "Content-Length is repeated or not a number"
-    if "Transfer-Encoding" in headers:
-        return "Transfer-Encoding is not accepted on requests"
-    return ""
-
-
-class Handler(http.server.BaseHTTPRequestHandler):
-    """Reads a request into a Visit, asks the server's app, and sends the Response it gets."""
-
-    protocol_version = "HTTP/1.1"  # keep-alive, as browsers expect
-    default_request_version = "HTTP/1.0"  # not 0.9: a garbled request still gets our headers
-    # Buffered, so headers and body leave in one write when http.server flushes after each
-    # request: two small writes on a kept-alive connection wait 40 ms for Nagle and delayed ACK.
-    wbufsize = 64 * 1024
-    server: Server
-
-    def setup(self) -> None:
-        """http.server's streams, with input under the limits of RequestInput."""
-        self.connection = self.request
-        self.input = RequestInput(self.connection, self.server.request_timeout)
-        self.rfile = io.BufferedReader(self.input)
-        self.wfile = self.connection.makefile("wb", self.wbufsize)
-
-    def handle_one_request(self) -> None:
-        """http.server's, with the clock started and a head past MAX_HEAD_BYTES refused."""
-        self.input.expect_request()
-        try:
-            super().handle_one_request()
-        except HeadTooLarge:
-            self.command, self.request_version = "", self.default_request_version
-            self.refuse(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE,
-                        f"a request head over {MAX_HEAD_BYTES} bytes")
-
-    def parse_request(self) -> bool:
-        """http.server's parsing, then the framing rules it leaves out; nothing for a client
-        that hung up half-way through its head (there is no one to answer)."""
-        parsed = not self.input.hung_up and super().parse_request()
-        self.input.head_read()
-        if self.input.hung_up:
-            self.close_connection = True
-            logger.debug("%s%s hung up mid-request", self.server.label, self.client_address[0])
-            return False
-        problem = framing_problem(self.headers) if parsed else ""
-        if problem:
-            self.refuse(HTTPStatus.BAD_REQUEST, problem)
-        return parsed and not problem
-
-    def do_GET(self) -> None:
-        self.answer()
-
-    def do_HEAD(self) -> None:
-        self.answer()  # send() leaves out the body
-
-    def do_POST(self) -> None:
-        self.answer()
-
-    def answer(self) -> None:
-        """Turn the request into a Visit and send the app's Response, all before a stop."""
-        path, _, query = self.path.partition("?")
-        form = self.read_form()
-        self.input.request_read()
-        visit = Visit(path, query,
-                      session=session_from("; ".join(self.headers.get_all("Cookie") or [])),
-                      form=form, authorization=self.headers.get("Authorization", ""),
-                      host=self.headers.get("Host", ""), origin=self.headers.get("Origin", ""),
-                      fetch_site=self.headers.get("Sec-Fetch-Site", ""))
-        with self.server.in_flight():
-            try:
-                response = self.server.app.respond(self.command, visit)
-            except Exception:  # a bug: the operator gets the traceback, the browser a page
-                logger.exception("%sbug while answering %s %s", self.server.label,
-                                 self.command, printable(path, 100))
-                response = Response(HTTPStatus.INTERNAL_SERVER_ERROR, problem_page(
-                    HTTPStatus.INTERNAL_SERVER_ERROR, "Something went wrong inside this app; "
-                    "the details are in its log."), note="see the traceback above")
-            self.send(response)
-            self.wfile.flush()
-
-    def handle_expect_100(self) -> bool:
-        """Send "100 Continue" now: in the write buffer, a client waiting for it would wait
-        until it gave up."""
-        proceed = super().handle_expect_100()
-        self.wfile.flush()
-        return proceed
-
-    def read_form(self) -> dict[str, str] | None:
-        """The body's fields, if it is a small urlencoded form; any body is consumed or refused."""
-        length = int(self.headers.get("Content-Length", "0"))  # a number: parse_request saw
-        if length > MAX_BODY_BYTES:
-            self.close_connection = True  # an unread body must not be parsed as the next request
-            return None
-        body = self.rfile.read(length)
-        if self.headers.get_content_type() != "application/x-www-form-urlencoded":
-            return None
-        try:
-            return parse_fields(body.decode("ascii"))
-        except ValueError:  # not ASCII, repeated or too many fields: not a form we can read
-            return None
-
-    def send(self, response: Response) -> None:
-        """Status, headers and body in one go; for HEAD, everything but the body."""
-        self.log_response(response)
-        own = {name for name, _ in response.headers}  # a route may set its own policy
-        self.send_response_only(response.status)
-        self.send_header("Date", self.date_time_string())
-        for name, value in (*[h for h in SECURITY_HEADERS if h[0] not in own], *response.headers):
-            self.send_header(name, value)
-        self.send_header("Content-Type", response.content_type)
-        self.send_header("Content-Length", str(len(response.body)))
-        if self.close_connection:
-            self.send_header("Connection", "close")
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(response.body)
-
-    def send_error(self, code: int, message: str | None = None,
-                   explain: str | None = None) -> None:
-        """http.server's own refusals (malformed request, unknown method, ...) as our page.
-        Its message can quote the request line, query string and all, so it is not shown."""
-        self.refuse(HTTPStatus(code), "http.server refused the request")
-
-    def refuse(self, status: HTTPStatus, why: str) -> None:
-        """Refuse a request we could not read, and close: the stream can't be trusted now."""
-        self.close_connection = True
-        self.send(Response(status, problem_page(status, status.description), note=why))
-
-    def log_response(self, response: Response) -> None:
-        """One line a request: who, what, the status, and why; never the query string.
-        A failure is a warning; a success is DEBUG, since the steps tell the story."""
-        level = logging.WARNING if response.status >= 400 else logging.DEBUG
-        if not logger.isEnabledFor(level):
-            return
-        target = f"{self.command} {printable(self.path.partition('?')[0], 100)}" \
-            if self.command else "(unreadable request)"
-        logger.log(level, "%s%s %s -> %d%s", self.server.label, self.client_address[0],
-                   target, response.status, f" {response.note}" if response.note else "")
-
-    def log_message(self, format: str, *args: Any) -> None:
-        """http.server's own messages; only "Request timed out" on an idle connection is left."""
-        logger.debug("%s%s %s", self.server.label, self.client_address[0], format % args)
-
-
-# ---------------------------------------------------------------------------
-# The server
-# ---------------------------------------------------------------------------
-
-class App(Protocol):
-    """What a Server serves: the OAuthDemo, or the sandbox's stand-in for Mailchimp."""
-
-    def respond(self, method: str, visit: Visit) -> Response: ...
-
-
-class Server(http.server.ThreadingHTTPServer):
-    """A thread per connection, every request answered by one app, within bounds: at most
-    max_connections at once, each request given request_timeout seconds to arrive."""
-
-    daemon_threads = True  # a stop doesn't wait for idle keep-alive connections
-    request_queue_size = 1024  # the listen backlog: a burst of browsers waits, not refused
-    app: App
-
-    def __init__(self, address: tuple[str, int], *, request_timeout: float = 10.0,
-                 max_connections: int = 0, label: str = "") -> None:
-        self.host = address[0]
-        self.request_timeout = request_timeout
-        self.label = label  # a prefix for its log lines
-        self.max_connections = max_connections or connection_cap()
-        self.connections = 0
-        self.full = False  # reached max_connections, and not yet back down to half of it
-        self.room = threading.Condition()  # notified when a connection closes
-        self.working = 0
-        self.idle = threading.Condition()  # notified when a request has been answered
-        if ":" in self.host:
-            self.address_family = socket.AF_INET6
-        super().__init__(address, Handler)
-
-    def get_request(self) -> tuple[socket.socket, Any]:
-        """Accept a connection if there is room; if not, new ones wait in the backlog (this
-        waits for room half a second at a time, so that a stop is heard, and never spins)."""
-        with self.room:
-            if not self.room.wait_for(lambda: self.connections < self.max_connections, 0.5):
-                raise OSError("no room for another connection")  # serve_forever tries again
-            request = super().get_request()
-            self.connections += 1
-            if self.connections == self.max_connections and not self.full:
-                self.full = True  # said once for a siege, not at each connection it replaces
-                logger.warning("%sserving %d connections, the most it will; new ones wait",
-                               self.label, self.max_connections)
-        return request
-
-    def close_request(self, request: Any) -> None:
-        super().close_request(request)
-        with self.room:
-            self.connections -= 1
-            if self.full and self.connections <= self.max_connections // 2:
-                self.full = False
-                logger.warning("%sdown to %d connections", self.label, self.connections)
-            self.room.notify()
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        """A client that hangs up or resets mid-request is no news: one DEBUG line. Anything
-        else is a bug, and its traceback goes to the log."""
-        if isinstance(sys.exc_info()[1], OSError):
-            logger.debug("%s%s went away: %s", self.label, client_address[0], sys.exc_info()[1])
-        else:
-            logger.exception("%sbug while serving %s", self.label, client_address[0])
-
-    @contextlib.contextmanager
-    def in_flight(self) -> Iterator[None]:
-        """Count a request as being answered, so a stop can wait for it."""
-        with self.idle:
-            self.working += 1
-        try:
-            yield
-        finally:
-            with self.idle:
-                self.working -= 1
-                self.idle.notify_all()
-
-    def finish_requests(self, seconds: float) -> bool:
-        """Wait for the requests being answered, up to seconds; whether they all finished."""
-        with self.idle:
-            return self.idle.wait_for(lambda: self.working == 0, seconds)
-
-    def server_bind(self) -> None:
-        """Bind, skipping http.server's reverse DNS lookup of our own address: nothing here
-        uses the name, and a resolver that never answers would hold up start-up for seconds."""
-        socketserver.TCPServer.server_bind(self)
-        self.server_name, self.server_port = self.host, self.server_address[1]
-
-    @property
-    def origin(self) -> str:
-        """http://host:port, with the port actually bound."""
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.server_port}"
-
-
-def connection_cap() -> int:
-    """How many connections to serve at once: each can hold three open files (its socket,
-    one to Mailchimp and, in the sandbox, the stand-in's end of that), and 64 are kept for
-    the store, the log and Python. Past the open-file limit, accept() fails in a busy loop."""
-    try:
-        import resource  # POSIX only
-    except ImportError:
-        return 500
-    files, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    return 1000 if files == resource.RLIM_INFINITY else max(4, min(1000, (files - 64) // 3))
-
-
-def make_server(config: Config, *, host: str = "127.0.0.1", port: int = 3000,
-                opener: Opener | None = None, store: Store | None = None,
-                logins: PendingLogins | None = None, request_timeout: float = 10.0,
-                max_connections: int = 0) -> tuple[Server, OAuthDemo]:
-    """Bind (port 0 picks a free port), then build the app for the address actually bound."""
-    server = Server((host, port), request_timeout=request_timeout,
-                    max_connections=max_connections)
-    server.app = app = OAuthDemo(
-        replace(config, base_url=config.base_url or server.origin),
-        opener=opener or urllib.request.build_opener(),
-        store=store or Store(), logins=logins or PendingLogins())
-    return server, app
-
-
-# ---------------------------------------------------------------------------
-# Command line
-# ---------------------------------------------------------------------------
-
-ENVIRONMENT = """environment:
-  MAILCHIMP_CLIENT_ID      your app's client_id, from Mailchimp's Registered Apps
-  MAILCHIMP_CLIENT_SECRET  its client_secret (neither is needed with --sandbox)
-  MAILCHIMP_LOGIN_URL      OAuth endpoints (default https://login.mailchimp.com)
-  MAILCHIMP_API_URL        API (default https://{dc}.api.mailchimp.com/3.0)"""
-
-
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    """--host, --port, --base-url, --timeout, --store, --quiet or --verbose, and --sandbox."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None,
-                                     epilog=ENVIRONMENT,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--host", default="127.0.0.1",
-                        help="address to listen on (default 127.0.0.1)")
-    parser.add_argument("--port", type=port_number, default=3000,
-                        help="port to listen on; 0 picks one (default 3000)")
-    parser.add_argument("--base-url", default="",
-                        help="where browsers reach this app (default http://HOST:PORT)")
-    parser.add_argument("--timeout", type=positive_seconds, default=10.0,
-                        help="seconds to wait for Mailchimp (default 10)")
-    parser.add_argument("--store", metavar="PATH",
-                        help="keep connections in this SQLite database, across restarts "
-                        "(default: in memory)")
-    loudness = parser.add_mutually_exclusive_group()
-    loudness.add_argument("--quiet", action="store_true",
-                          help="log warnings only, not each step of a login")
-    loudness.add_argument("--verbose", action="store_true",
-                          help="also log every request, the stand-in's included")
-    parser.add_argument("--sandbox", action="store_true",
-                        help="run against a stand-in for Mailchimp on this machine; no account")
-    return parser.parse_args(argv)
-
-
-def port_number(text: str) -> int:
-    """argparse type for a TCP port (0 lets the system pick one)."""
-    if not text.isascii() or not text.isdigit() or int(text) > 65535:
-        raise argparse.ArgumentTypeError(f"must be a port from 0 to 65535, not {text}")
-    return int(text)
-
-
-def positive_seconds(text: str) -> float:
-    """argparse type for a timeout: more than nothing, less than forever."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = 0.0
-    if not 0 < value <= 300:
-        raise argparse.ArgumentTypeError(f"must be more than 0 and at most 300 seconds, "
-                                         f"not {text}")
-    return value
-
-
-STOP_SECONDS = 5.0  # how long a stop waits for the requests being answered
-
-
-def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] = os.environ) -> int:
-    """Run the demo until Ctrl+C; exit status 2 for a setting that is missing or unsafe."""
-    args = parse_args(argv)
-    try:
-        if not is_loopback(args.host) and not args.base_url:
-            raise ConfigError(f"--host {args.host} is reachable from other machines, so it "
-                              "needs --base-url https://...: the address browsers use")
-        store = Store(args.store) if args.store else Store()
-        if args.sandbox:  # the stand-in at the end of this file
-            server, app = sandboxed(start_sandbox(), args, store)
-        else:
-            config = config_from_env(environ, base_url=args.base_url, timeout=args.timeout)
-            server, app = make_server(config, host=args.host, port=args.port, store=store)
-    except (ConfigError, StoreError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except OSError as err:  # the port is taken, or the address isn't this machine's
-        hint = ": is the app running already? Choose another port with --port" \
-            if err.errno == errno.EADDRINUSE else ""
-        print(f"error: cannot listen on {args.host} port {args.port}: {err.strerror}{hint}",
-              file=sys.stderr)
-        return 2
-    print(f"Mailchimp OAuth 2 demo, listening. Press Ctrl+C to stop.\n"
-          f"  open in your browser:      {app.config.base_url}/\n"
-          + ("  redirect URI (stand-in):   " if args.sandbox else "  redirect URI to register:  ")
-          + f"{app.config.redirect_uri}\n"
-          f"  Mailchimp login server:    {app.config.login_url}\n"
-          f"  connections kept in:       {store.where}", flush=True)
-    if app.config.notice:
-        print(app.config.notice, flush=True)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
-    logger.setLevel(logging.WARNING if args.quiet else
-                    logging.DEBUG if args.verbose else logging.INFO)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # systemd, docker: as Ctrl+C
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        server.server_close()  # no new connections; the requests being answered finish
-        print("stopping: finishing the requests being answered", flush=True)
-        if not server.finish_requests(STOP_SECONDS):
-            print(f"requests still unanswered after {STOP_SECONDS:g} s were dropped")
-        print("stopped", flush=True)
-    return 0
-
-
-# ===========================================================================
 # Sandbox: a stand-in for Mailchimp, for --sandbox
 #
 # Not Mailchimp, and not part of the flow above: login.mailchimp.com and the
@@ -1563,9 +1508,9 @@ class Sandbox:
         self._codes: dict[str, tuple[str, float]] = {}  # code -> (redirect_uri, expiry)
         self._tokens: set[str] = set()
         self.routes = {
-            AUTHORIZE_PATH: {"GET": self.consent, "POST": self.decide},
-            TOKEN_PATH: {"POST": self.token},
-            METADATA_PATH: {"GET": self.metadata},
+            "/oauth2/authorize": {"GET": self.consent, "POST": self.decide},
+            "/oauth2/token": {"POST": self.token},
+            "/oauth2/metadata": {"GET": self.metadata},
             f"/{SANDBOX_PREFIX}/3.0/ping": {"GET": self.ping},
         }
 
@@ -1718,8 +1663,8 @@ def sandboxed(sandbox: Sandbox, args: argparse.Namespace,
     """--sandbox: the app, pointed at the stand-in just as a user would point it anywhere."""
     config = config_from_env(sandbox.environ(), base_url=args.base_url, timeout=args.timeout)
     no_proxy = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # stay on loopback
-    server, app = make_server(replace(config, notice=SANDBOX_NOTICE), host=args.host,
-                              port=args.port, opener=no_proxy, store=store)
+    server, app = make_server(config, host=args.host, port=args.port, opener=no_proxy,
+                              store=store, notice=SANDBOX_NOTICE)
     sandbox.redirect_uri = app.config.redirect_uri  # as registering the app with Mailchimp
     return server, app
 

@@ -52,232 +52,11 @@ METADATA = {"dc": "us19", "role": "owner", "accountname": "Freddie's Jokes", "us
 SCRIPT = "<script>alert(1)</script>"
 
 
-def reply(status: int, data: Any) -> demo.Reply:
-    body = data if isinstance(data, bytes) else json.dumps(data).encode()
-    return demo.Reply(status, body)
-
-
 def flow_error(call: Any, *args: Any) -> demo.FlowError:
     with pytest.raises(demo.FlowError) as caught:
         call(*args)
     return caught.value
 
-
-# ---------------------------------------------------------------------------
-# Configuration
-# ---------------------------------------------------------------------------
-
-ENV = {"MAILCHIMP_CLIENT_ID": CLIENT_ID, "MAILCHIMP_CLIENT_SECRET": CLIENT_SECRET}
-
-
-@pytest.mark.parametrize("missing", ["MAILCHIMP_CLIENT_ID", "MAILCHIMP_CLIENT_SECRET"])
-def test_config_names_the_missing_variable(missing: str) -> None:
-    environ = {name: value for name, value in ENV.items() if name != missing}
-    with pytest.raises(demo.ConfigError, match=missing):
-        demo.config_from_env(environ)
-
-
-def test_config_defaults_to_mailchimp() -> None:
-    config = demo.config_from_env(ENV)
-    assert (config.login_url, config.api_url) == (demo.LOGIN_URL, demo.API_URL)
-
-
-@pytest.mark.parametrize("url", [
-    "https://login.mailchimp.com", "http://127.0.0.1:8080", "http://127.9.9.9",
-    "http://[::1]:8080", "http://localhost:9000/",
-])
-def test_config_accepts_https_anywhere_and_http_on_loopback(url: str) -> None:
-    config = demo.config_from_env({**ENV, "MAILCHIMP_LOGIN_URL": url})
-    assert config.login_url == url.rstrip("/")
-
-
-@pytest.mark.parametrize("url", [
-    "http://login.mailchimp.com", "http://10.0.0.1", "http://127.0.0.1.nip.io",
-    "http://localhost.evil.example", "ftp://127.0.0.1", "http://[::ffff:8.8.8.8]",
-    "https://login.mailchimp.com?x=1", "https://user@login.mailchimp.com", "https://:99",
-    "http://127.0.0.1:99999",
-])
-def test_config_refuses_plain_http_beyond_this_machine(url: str) -> None:
-    with pytest.raises(demo.ConfigError, match="MAILCHIMP_LOGIN_URL"):
-        demo.config_from_env({**ENV, "MAILCHIMP_LOGIN_URL": url})
-
-
-@pytest.mark.parametrize("url", ["http://us19.api.mailchimp.com/3.0", "http://{dc}.example/3.0",
-                                 "https://api.example/3.0"])
-def test_config_refuses_an_api_url_without_https_or_a_place_for_the_prefix(url: str) -> None:
-    with pytest.raises(demo.ConfigError, match="MAILCHIMP_API_URL"):
-        demo.config_from_env({**ENV, "MAILCHIMP_API_URL": url})
-
-
-@pytest.mark.parametrize("base_url, says", [
-    ("127.0.0.1:3000", "must look like"), ("javascript:alert(1)", "must look like"),
-    ("https://user@demo.example", "must look like"), ("http://127.0.0.1:99999", "must look like"),
-    ("http://127.0.0.1:3000/app", "has a path"), ("http://127.0.0.1:3000/?x", "has a query"),
-    ("http://127.0.0.1:3000#top", "has a fragment"),
-    ("http://example.com", "plain text"), ("http://192.168.1.5:3000", "plain text"),
-])
-def test_config_refuses_a_base_url_that_is_not_a_safe_origin(base_url: str, says: str) -> None:
-    with pytest.raises(demo.ConfigError, match=f"--base-url '{re.escape(base_url)}' .*{says}"):
-        demo.config_from_env(ENV, base_url=base_url)
-
-
-@pytest.mark.parametrize("base_url, origin", [
-    ("https://Example.COM:443/", "https://example.com"), ("http://LOCALHOST:80", "http://localhost"),
-    ("http://[::1]:3000", "http://[::1]:3000"), ("https://demo.example:8443", "https://demo.example:8443"),
-])
-def test_config_writes_the_base_url_as_browsers_write_origins(base_url: str, origin: str) -> None:
-    config = demo.config_from_env(ENV, base_url=base_url)
-    assert (config.base_url, config.redirect_uri) == (origin, origin + demo.CALLBACK_PATH)
-
-
-def test_config_never_shows_the_secret_in_its_repr() -> None:
-    assert CLIENT_SECRET not in repr(CONFIG)
-
-
-# ---------------------------------------------------------------------------
-# The Mailchimp calls
-# ---------------------------------------------------------------------------
-
-def test_authorize_url_carries_exactly_the_four_parameters_and_no_scope() -> None:
-    url = demo.authorize_url(CONFIG, "the-state")
-    parts = urllib.parse.urlsplit(url)
-    assert (parts.scheme, parts.netloc, parts.path) == ("https", "login.mailchimp.com",
-                                                        "/oauth2/authorize")
-    assert urllib.parse.parse_qs(parts.query) == {
-        "response_type": ["code"], "client_id": [CLIENT_ID],
-        "redirect_uri": ["http://127.0.0.1:3000/oauth/mailchimp/callback"],
-        "state": ["the-state"]}
-
-
-@pytest.mark.parametrize("query, expected", [
-    ("code=abc&state=xyz", demo.Callback(state="xyz", code="abc")),
-    ("state=xyz&error=access_denied&error_description=No+thanks",
-     demo.Callback(state="xyz", error="access_denied", error_description="No thanks")),
-    ("code=a%0D%0ASet-Cookie:x&state=s", demo.Callback(state="s", code="a\r\nSet-Cookie:x")),
-    ("code=%zz&state=s", demo.Callback(state="s", code="%zz")),
-    ("state=s&other=ignored", demo.Callback(state="s")),
-    ("", demo.Callback()),
-])
-def test_read_callback_takes_the_parameters_it_knows(query: str,
-                                                      expected: demo.Callback) -> None:
-    assert demo.read_callback(query) == expected
-
-
-@pytest.mark.parametrize("query", [
-    "code=a&state=x&state=y",  # which state?
-    "code=%ff%fe&state=x",  # not UTF-8
-    "&".join(f"f{n}=1" for n in range(50)),  # a flood of fields
-])
-def test_read_callback_refuses_what_it_cannot_read_unambiguously(query: str) -> None:
-    assert flow_error(demo.read_callback, query).status == HTTPStatus.BAD_REQUEST
-
-
-@pytest.mark.parametrize("code", ["", "a\r\nb", "x" * 513, "caf\u00e9"])
-def test_check_code_refuses_what_is_not_an_authorization_code(code: str) -> None:
-    err = flow_error(demo.check_code, demo.Callback(state="s", code=code))
-    assert err.status == HTTPStatus.BAD_REQUEST
-
-
-def test_token_request_is_a_form_post_with_the_five_fields() -> None:
-    request = demo.token_request(CONFIG, CODE)
-    assert (request.get_method(), request.full_url) == ("POST", TOKEN_URL)
-    assert request.get_header("Content-type") == "application/x-www-form-urlencoded"
-    assert isinstance(request.data, bytes)
-    assert urllib.parse.parse_qs(request.data.decode()) == {
-        "grant_type": ["authorization_code"], "client_id": [CLIENT_ID],
-        "client_secret": [CLIENT_SECRET], "code": [CODE],
-        "redirect_uri": ["http://127.0.0.1:3000/oauth/mailchimp/callback"]}
-
-
-def test_read_token_takes_the_access_token() -> None:
-    assert demo.read_token(reply(200, {"access_token": TOKEN, "expires_in": 0,
-                                       "scope": None})) == TOKEN
-
-
-@pytest.mark.parametrize("body", [
-    b"not json", b"[" * 50_000, b"\xff\xfe", json.dumps([TOKEN]).encode(),
-    json.dumps({"expires_in": 0}).encode(), json.dumps({"access_token": ""}).encode(),
-    json.dumps({"access_token": 12345}).encode(),
-    json.dumps({"access_token": "abc\r\nX-Injected: 1"}).encode(),
-    json.dumps({"access_token": "two words"}).encode(),
-])
-def test_read_token_refuses_a_reply_without_a_usable_token(body: bytes) -> None:
-    err = flow_error(demo.read_token, demo.Reply(200, body))
-    assert (err.status, err.step) == (HTTPStatus.BAD_GATEWAY, demo.STEP_TOKEN)
-
-
-def test_a_refused_token_request_quotes_mailchimp_and_suggests_the_rotated_secret() -> None:
-    err = flow_error(demo.read_token, reply(401, {"error": "invalid_client",
-                                                  "error_description": "Bad secret"}))
-    assert err.status == HTTPStatus.BAD_GATEWAY
-    assert "401: invalid_client: Bad secret" in err.message
-    assert err.hint == demo.HINT_ROTATED_SECRET
-
-
-def test_a_refused_token_request_for_an_old_code_does_not_blame_the_secret() -> None:
-    err = flow_error(demo.read_token, reply(400, {"error": "invalid_grant"}))
-    assert "invalid_grant" in err.message and err.hint != demo.HINT_ROTATED_SECRET
-
-
-def test_metadata_and_ping_requests_carry_the_token_in_the_scheme_each_expects() -> None:
-    metadata = demo.metadata_request(CONFIG, TOKEN)
-    ping = demo.ping_request(CONFIG, "us19", TOKEN)
-    assert (metadata.full_url, metadata.get_header("Authorization")) == (
-        METADATA_URL, f"OAuth {TOKEN}")
-    assert (ping.full_url, ping.get_header("Authorization")) == (PING_URL, f"Bearer {TOKEN}")
-
-
-def test_the_token_header_is_not_carried_across_a_redirect() -> None:
-    request = demo.metadata_request(CONFIG, TOKEN)
-    assert "Authorization" not in request.headers  # urllib copies only these on a redirect
-    assert request.unredirected_hdrs["Authorization"] == f"OAuth {TOKEN}"
-
-
-def test_read_metadata_takes_the_server_prefix_and_account_name() -> None:
-    assert demo.read_metadata(reply(200, METADATA)) == demo.Account("us19", "Freddie's Jokes")
-
-
-@pytest.mark.parametrize("dc", [
-    "evil.example.com/x#", "us1.evil", "us1@127.0.0.9:1", "us19\r\nX-Injected: 1", "us19\n",
-    "US19", "us", "19", "", 19, None, "us\u0661\u0669",
-])
-def test_read_metadata_refuses_a_server_prefix_that_could_redirect_the_token(dc: Any) -> None:
-    err = flow_error(demo.read_metadata, reply(200, {**METADATA, "dc": dc}))
-    assert (err.status, err.step) == (HTTPStatus.BAD_GATEWAY, demo.STEP_METADATA)
-
-
-def test_read_metadata_refuses_a_reply_without_an_account_name() -> None:
-    data = {key: value for key, value in METADATA.items() if key != "accountname"}
-    assert flow_error(demo.read_metadata, reply(200, data)).step == demo.STEP_METADATA
-
-
-def test_read_ping_takes_the_health_status() -> None:
-    assert demo.read_ping(reply(200, {"health_status": "Everything's Chimpy!"})) == \
-        "Everything's Chimpy!"
-
-
-def test_a_refused_ping_quotes_the_api_problem_and_suggests_revoked_access() -> None:
-    err = flow_error(demo.read_ping, reply(401, {"title": "API Key Invalid",
-                                                 "detail": "Wrong datacenter."}))
-    assert "401: API Key Invalid: Wrong datacenter." in err.message
-    assert err.hint.startswith(demo.HINT_REVOKED) and err.mailchimp_status == 401
-
-
-@pytest.mark.parametrize("text, expected", [
-    ("plain", "plain"), ("a\r\nb\x1b[31m", "a  b [31m"), ("x" * 300, "x" * 200 + "..."),
-])
-def test_printable_keeps_outside_text_to_one_bounded_line(text: str, expected: str) -> None:
-    assert demo.printable(text) == expected
-
-
-def test_mask_shows_only_the_last_four_characters() -> None:
-    assert demo.mask(TOKEN) == "...cdef"
-    assert demo.mask("short") == "..."
-
-
-# ---------------------------------------------------------------------------
-# The network seam
-# ---------------------------------------------------------------------------
 
 @dataclass
 class Sent:
@@ -323,6 +102,171 @@ class FakeMailchimp:
         return [sent.url for sent in self.sent]
 
 
+@pytest.fixture
+def mailchimp() -> FakeMailchimp:
+    return FakeMailchimp()
+
+
+# ---------------------------------------------------------------------------
+# The flow: steps 2 to 6, with a scripted Mailchimp
+# ---------------------------------------------------------------------------
+
+def test_authorize_url_carries_exactly_the_four_parameters_and_no_scope() -> None:
+    url = demo.authorize_url(CONFIG, "the-state")
+    parts = urllib.parse.urlsplit(url)
+    assert (parts.scheme, parts.netloc, parts.path) == ("https", "login.mailchimp.com",
+                                                        "/oauth2/authorize")
+    assert urllib.parse.parse_qs(parts.query) == {
+        "response_type": ["code"], "client_id": [CLIENT_ID],
+        "redirect_uri": ["http://127.0.0.1:3000/oauth/mailchimp/callback"],
+        "state": ["the-state"]}
+
+
+def test_a_config_without_its_own_address_sends_no_relative_redirect_uri() -> None:
+    with pytest.raises(demo.ConfigError, match="base_url"):
+        demo.authorize_url(demo.Config(CLIENT_ID, CLIENT_SECRET), "the-state")
+
+
+STATE = "s" * 43
+
+
+def test_check_callback_gives_the_code_when_the_state_is_this_browsers() -> None:
+    assert demo.check_callback(f"code={CODE}&state={STATE}&other=ignored", STATE) == CODE
+
+
+@pytest.mark.parametrize("query, state, status, says", [
+    ("code=abc", STATE, 400, "has no state"),
+    ("code=abc&state=" + "x" * 43, STATE, 400, "does not match a login"),
+    (f"code=abc&state={STATE}", "", 400, "does not match a login"),  # no login started here
+    (f"code=a&state={STATE}&state=y", STATE, 400, "could not be read"),  # which state?
+    (f"code=%ff%fe&state={STATE}", STATE, 400, "could not be read"),  # not UTF-8
+    ("&".join(f"f{n}=1" for n in range(50)), STATE, 400, "could not be read"),  # a flood
+    (f"state={STATE}&error=access_denied&error_description=No+thanks", STATE, 403,
+     "Access was not granted, so nothing was shared (access_denied: No thanks)"),
+    (f"state={STATE}&error=server_error", STATE, 502, "refused the authorization"),
+    (f"state={STATE}", STATE, 400, "carries no code"),
+    (f"code=a%0D%0ASet-Cookie:x&state={STATE}", STATE, 400, "does not look like one"),
+    (f"code={'x' * 513}&state={STATE}", STATE, 400, "does not look like one"),
+    (f"code=caf%C3%A9&state={STATE}", STATE, 400, "does not look like one"),
+])
+def test_check_callback_refuses_a_callback_it_cannot_trust(query: str, state: str, status: int,
+                                                           says: str) -> None:
+    err = flow_error(demo.check_callback, query, state)
+    assert (err.status, err.step) == (status, demo.STEP_CALLBACK) and says in err.message
+
+
+def test_exchange_code_posts_the_five_fields_as_a_form_and_returns_the_token(
+        mailchimp: FakeMailchimp) -> None:
+    assert demo.exchange_code(mailchimp, CONFIG, CODE) == TOKEN
+    [sent] = mailchimp.sent
+    assert (sent.method, sent.url, sent.timeout) == ("POST", TOKEN_URL, CONFIG.timeout)
+    assert sent.headers["Content-Type"] == "application/x-www-form-urlencoded"
+    assert sent.form == {"grant_type": ["authorization_code"], "client_id": [CLIENT_ID],
+                         "client_secret": [CLIENT_SECRET], "code": [CODE],
+                         "redirect_uri": ["http://127.0.0.1:3000/oauth/mailchimp/callback"]}
+    assert "Authorization" not in sent.headers
+
+
+@pytest.mark.parametrize("body", [
+    b"not json", b"[" * 50_000, b"\xff\xfe", json.dumps([TOKEN]).encode(),
+    json.dumps({"expires_in": 0}).encode(), json.dumps({"access_token": ""}).encode(),
+    json.dumps({"access_token": 12345}).encode(),
+    json.dumps({"access_token": "abc\r\nX-Injected: 1"}).encode(),
+    json.dumps({"access_token": "two words"}).encode(),
+])
+def test_exchange_code_refuses_a_reply_without_a_usable_token(
+        mailchimp: FakeMailchimp, body: bytes) -> None:
+    mailchimp.replies[TOKEN_URL] = (200, body)
+    err = flow_error(demo.exchange_code, mailchimp, CONFIG, CODE)
+    assert (err.status, err.step) == (HTTPStatus.BAD_GATEWAY, demo.STEP_TOKEN)
+
+
+@pytest.mark.parametrize("error, status, hint", [
+    ("invalid_client", 401, demo.HINT_ROTATED_SECRET),  # the secret was rotated
+    ("invalid_grant", 400, demo.HINT_OLD_CODE),  # not the secret's fault
+])
+def test_a_refused_token_request_quotes_mailchimp_and_names_the_likely_cause(
+        mailchimp: FakeMailchimp, error: str, status: int, hint: str) -> None:
+    mailchimp.replies[TOKEN_URL] = (status, {"error": error, "error_description": "Said so"})
+    err = flow_error(demo.exchange_code, mailchimp, CONFIG, CODE)
+    assert err.status == HTTPStatus.BAD_GATEWAY and err.hint == hint
+    assert f"{status}: {error}: Said so" in err.message
+
+
+def test_find_account_asks_with_the_oauth_scheme_for_the_prefix_and_name(
+        mailchimp: FakeMailchimp) -> None:
+    assert demo.find_account(mailchimp, CONFIG, TOKEN) == demo.Account("us19", "Freddie's Jokes")
+    [sent] = mailchimp.sent
+    assert (sent.method, sent.url, sent.headers["Authorization"]) == (
+        "GET", METADATA_URL, f"OAuth {TOKEN}")
+
+
+@pytest.mark.parametrize("dc", [
+    "evil.example.com/x#", "us1.evil", "us1@127.0.0.9:1", "us19\r\nX-Injected: 1", "us19\n",
+    "US19", "us", "19", "", 19, None, "us\u0661\u0669",
+])
+def test_find_account_refuses_a_server_prefix_that_could_redirect_the_token(
+        mailchimp: FakeMailchimp, dc: Any) -> None:
+    mailchimp.replies[METADATA_URL] = (200, {**METADATA, "dc": dc})
+    err = flow_error(demo.find_account, mailchimp, CONFIG, TOKEN)
+    assert (err.status, err.step) == (HTTPStatus.BAD_GATEWAY, demo.STEP_METADATA)
+
+
+def test_find_account_refuses_a_reply_without_an_account_name(mailchimp: FakeMailchimp) -> None:
+    mailchimp.replies[METADATA_URL] = (200, {"dc": "us19"})
+    assert flow_error(demo.find_account, mailchimp, CONFIG, TOKEN).step == demo.STEP_METADATA
+
+
+def test_ping_calls_the_api_at_the_accounts_prefix_with_the_bearer_token(
+        mailchimp: FakeMailchimp) -> None:
+    assert demo.ping(mailchimp, CONFIG, "us19", TOKEN) == "Everything's Chimpy!"
+    [sent] = mailchimp.sent
+    assert (sent.url, sent.headers["Authorization"]) == (PING_URL, f"Bearer {TOKEN}")
+
+
+def test_a_refused_ping_quotes_the_api_problem_and_suggests_revoked_access(
+        mailchimp: FakeMailchimp) -> None:
+    mailchimp.replies[PING_URL] = (401, {"title": "API Key Invalid", "detail": "Wrong dc."})
+    err = flow_error(demo.ping, mailchimp, CONFIG, "us19", TOKEN)
+    assert "401: API Key Invalid: Wrong dc." in err.message
+    assert err.hint.startswith(demo.HINT_REVOKED) and err.mailchimp_status == 401
+
+
+def test_the_token_header_is_not_carried_across_a_redirect() -> None:
+    request = demo.authorized_request(METADATA_URL, f"OAuth {TOKEN}")
+    assert "Authorization" not in request.headers  # urllib copies only these on a redirect
+    assert request.unredirected_hdrs["Authorization"] == f"OAuth {TOKEN}"
+
+
+def test_connect_runs_steps_3_to_6_in_order(mailchimp: FakeMailchimp) -> None:
+    connection = demo.connect(mailchimp, CONFIG, f"code={CODE}&state={STATE}", STATE)
+    assert (connection.access_token, connection.server_prefix, connection.account_name,
+            connection.health_status) == (TOKEN, "us19", "Freddie's Jokes",
+                                          "Everything's Chimpy!")
+    assert mailchimp.urls() == [TOKEN_URL, METADATA_URL, PING_URL]
+
+
+def test_connect_sends_nothing_for_a_callback_it_cannot_trust(mailchimp: FakeMailchimp) -> None:
+    flow_error(demo.connect, mailchimp, CONFIG, f"code={CODE}&state={STATE}", "x" * 43)
+    assert mailchimp.sent == []
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("plain", "plain"), ("a\r\nb\x1b[31m", "a  b [31m"), ("x" * 300, "x" * 200 + "..."),
+])
+def test_printable_keeps_outside_text_to_one_bounded_line(text: str, expected: str) -> None:
+    assert demo.printable(text) == expected
+
+
+def test_mask_shows_only_the_last_four_characters() -> None:
+    assert demo.mask(TOKEN) == "...cdef"
+    assert demo.mask("short") == "..."
+
+
+# ---------------------------------------------------------------------------
+# Talking to Mailchimp: no answer, an error answer, too big an answer
+# ---------------------------------------------------------------------------
+
 @pytest.mark.parametrize("failure, status", [
     (socket.timeout("timed out"), HTTPStatus.GATEWAY_TIMEOUT),  # noqa: UP041 -- Python 3.9's
     (TimeoutError(), HTTPStatus.GATEWAY_TIMEOUT),
@@ -335,29 +279,24 @@ class FakeMailchimp:
     (http.client.RemoteDisconnected("closed"), HTTPStatus.BAD_GATEWAY),
     (ConnectionResetError(104, "reset"), HTTPStatus.BAD_GATEWAY),
 ])
-def test_send_turns_no_answer_into_504_or_502(failure: BaseException, status: HTTPStatus) -> None:
-    mailchimp = FakeMailchimp()
+def test_no_answer_is_a_504_or_a_502(mailchimp: FakeMailchimp, failure: BaseException,
+                                     status: HTTPStatus) -> None:
     mailchimp.replies[TOKEN_URL] = failure
-    err = flow_error(lambda: demo.send(mailchimp, demo.token_request(CONFIG, CODE),
-                                       timeout=3, step=demo.STEP_TOKEN))
+    err = flow_error(demo.exchange_code, mailchimp, replace(CONFIG, timeout=3), CODE)
     assert (err.status, err.step) == (status, demo.STEP_TOKEN)
     assert mailchimp.sent[0].timeout == 3
 
 
-def test_send_reads_an_error_status_as_a_reply() -> None:
-    mailchimp = FakeMailchimp()
+def test_an_error_status_is_read_as_an_answer(mailchimp: FakeMailchimp) -> None:
     mailchimp.replies[TOKEN_URL] = (400, {"error": "invalid_grant"})
-    sent = demo.send(mailchimp, demo.token_request(CONFIG, CODE), timeout=3,
-                     step=demo.STEP_TOKEN)
+    sent = demo.send(mailchimp, urllib.request.Request(TOKEN_URL), 3, demo.STEP_TOKEN)
     assert (sent.status, sent.body) == (400, b'{"error": "invalid_grant"}')
 
 
-def test_send_refuses_an_oversized_reply() -> None:
-    mailchimp = FakeMailchimp()
+def test_an_oversized_reply_is_refused(mailchimp: FakeMailchimp) -> None:
     mailchimp.replies[TOKEN_URL] = (200, b" " * (demo.MAX_REPLY_BYTES + 1))
-    err = flow_error(lambda: demo.send(mailchimp, demo.token_request(CONFIG, CODE),
-                                       timeout=3, step=demo.STEP_TOKEN))
-    assert err.status == HTTPStatus.BAD_GATEWAY
+    err = flow_error(demo.exchange_code, mailchimp, CONFIG, CODE)
+    assert err.status == HTTPStatus.BAD_GATEWAY and "oversized" in err.message
 
 
 # ---------------------------------------------------------------------------
@@ -381,33 +320,32 @@ def test_a_state_is_random_enough_and_url_safe() -> None:
     assert len(states) == 5 and all(demo.SESSION_ID.fullmatch(state) for state in states)
 
 
-def test_a_state_works_once_in_the_browser_that_started_it() -> None:
+def test_a_state_is_taken_once_by_the_browser_that_started_it() -> None:
     logins = demo.PendingLogins()
     state = logins.start(SESSION_A)
-    assert not logins.finish(SESSION_B, state)
-    assert logins.finish(SESSION_A, state)
-    assert not logins.finish(SESSION_A, state)
+    assert logins.take(SESSION_B, state) == ""
+    assert logins.take(SESSION_A, state) == state
+    assert logins.take(SESSION_A, state) == ""
 
 
 def test_two_tabs_of_one_browser_can_each_finish_their_login() -> None:
     logins = demo.PendingLogins()
     first, second = logins.start(SESSION_A), logins.start(SESSION_A)
-    assert logins.finish(SESSION_A, second) and logins.finish(SESSION_A, first)
+    assert (logins.take(SESSION_A, second), logins.take(SESSION_A, first)) == (second, first)
 
 
-def test_a_state_expires_after_its_lifetime() -> None:
-    clock = Clock()
+def test_a_state_expires_after_its_lifetime(clock: Clock) -> None:
     logins = demo.PendingLogins(lifetime=600, clock=clock)
     state = logins.start(SESSION_A)
     clock.now += 601
-    assert not logins.finish(SESSION_A, state)
+    assert logins.take(SESSION_A, state) == ""
 
 
 @pytest.mark.parametrize("state", ["", "caf\u00e9", "x" * 60_000])
 def test_a_state_of_any_shape_is_refused_not_an_error(state: str) -> None:
     logins = demo.PendingLogins()
     logins.start(SESSION_A)
-    assert not logins.finish(SESSION_A, state)
+    assert logins.take(SESSION_A, state) == ""
 
 
 def test_pending_logins_stay_bounded_dropping_the_oldest() -> None:
@@ -416,9 +354,9 @@ def test_pending_logins_stay_bounded_dropping_the_oldest() -> None:
     for n in range(1, 4):
         logins.start(str(n) * 43)
     tabs = [logins.start(SESSION_A) for _ in range(3)]
-    assert not logins.finish("0" * 43, oldest)  # the fourth browser pushed out the first
-    assert not logins.finish(SESSION_A, tabs[0])  # a third tab pushed out the first
-    assert logins.finish(SESSION_A, tabs[2])
+    assert logins.take("0" * 43, oldest) == ""  # the fourth browser pushed out the first
+    assert logins.take(SESSION_A, tabs[0]) == ""  # a third tab pushed out the first
+    assert logins.take(SESSION_A, tabs[2]) == tabs[2]
 
 
 # ---------------------------------------------------------------------------
@@ -730,11 +668,6 @@ def post_form(url: str, fields: dict[str, str]) -> Page:
     """A server-to-server form POST, as the app's token request is."""
     return Browser(0).request("POST", url, urllib.parse.urlencode(fields).encode(),
                               {"Content-Type": "application/x-www-form-urlencoded"})
-
-
-@pytest.fixture
-def mailchimp() -> FakeMailchimp:
-    return FakeMailchimp()
 
 
 @pytest.fixture
@@ -1613,8 +1546,75 @@ def test_a_disconnect_while_a_ping_is_on_its_way_stays_done(
 
 
 # ---------------------------------------------------------------------------
-# Command line
+# Configuration and the command line
 # ---------------------------------------------------------------------------
+ENV = {"MAILCHIMP_CLIENT_ID": CLIENT_ID, "MAILCHIMP_CLIENT_SECRET": CLIENT_SECRET}
+
+
+@pytest.mark.parametrize("missing", ["MAILCHIMP_CLIENT_ID", "MAILCHIMP_CLIENT_SECRET"])
+def test_config_names_the_missing_variable(missing: str) -> None:
+    environ = {name: value for name, value in ENV.items() if name != missing}
+    with pytest.raises(demo.ConfigError, match=missing):
+        demo.config_from_env(environ)
+
+
+def test_config_defaults_to_mailchimp() -> None:
+    config = demo.config_from_env(ENV)
+    assert (config.login_url, config.api_url) == (demo.LOGIN_URL, demo.API_URL)
+
+
+@pytest.mark.parametrize("url", [
+    "https://login.mailchimp.com", "http://127.0.0.1:8080", "http://127.9.9.9",
+    "http://[::1]:8080", "http://localhost:9000/",
+])
+def test_config_accepts_https_anywhere_and_http_on_loopback(url: str) -> None:
+    config = demo.config_from_env({**ENV, "MAILCHIMP_LOGIN_URL": url})
+    assert config.login_url == url.rstrip("/")
+
+
+@pytest.mark.parametrize("url", [
+    "http://login.mailchimp.com", "http://10.0.0.1", "http://127.0.0.1.nip.io",
+    "http://localhost.evil.example", "ftp://127.0.0.1", "http://[::ffff:8.8.8.8]",
+    "https://login.mailchimp.com?x=1", "https://user@login.mailchimp.com", "https://:99",
+    "http://127.0.0.1:99999",
+])
+def test_config_refuses_plain_http_beyond_this_machine(url: str) -> None:
+    with pytest.raises(demo.ConfigError, match="MAILCHIMP_LOGIN_URL"):
+        demo.config_from_env({**ENV, "MAILCHIMP_LOGIN_URL": url})
+
+
+@pytest.mark.parametrize("url", ["http://us19.api.mailchimp.com/3.0", "http://{dc}.example/3.0",
+                                 "https://api.example/3.0"])
+def test_config_refuses_an_api_url_without_https_or_a_place_for_the_prefix(url: str) -> None:
+    with pytest.raises(demo.ConfigError, match="MAILCHIMP_API_URL"):
+        demo.config_from_env({**ENV, "MAILCHIMP_API_URL": url})
+
+
+@pytest.mark.parametrize("base_url, says", [
+    ("127.0.0.1:3000", "must look like"), ("javascript:alert(1)", "must look like"),
+    ("https://user@demo.example", "must look like"), ("http://127.0.0.1:99999", "must look like"),
+    ("http://127.0.0.1:3000/app", "has a path"), ("http://127.0.0.1:3000/?x", "has a query"),
+    ("http://127.0.0.1:3000#top", "has a fragment"),
+    ("http://example.com", "plain text"), ("http://192.168.1.5:3000", "plain text"),
+])
+def test_config_refuses_a_base_url_that_is_not_a_safe_origin(base_url: str, says: str) -> None:
+    with pytest.raises(demo.ConfigError, match=f"--base-url '{re.escape(base_url)}' .*{says}"):
+        demo.config_from_env(ENV, base_url=base_url)
+
+
+@pytest.mark.parametrize("base_url, origin", [
+    ("https://Example.COM:443/", "https://example.com"), ("http://LOCALHOST:80", "http://localhost"),
+    ("http://[::1]:3000", "http://[::1]:3000"), ("https://demo.example:8443", "https://demo.example:8443"),
+])
+def test_config_writes_the_base_url_as_browsers_write_origins(base_url: str, origin: str) -> None:
+    config = demo.config_from_env(ENV, base_url=base_url)
+    assert (config.base_url, config.redirect_uri) == (origin, origin + demo.CALLBACK_PATH)
+
+
+def test_config_never_shows_the_secret_in_its_repr() -> None:
+    assert CLIENT_SECRET not in repr(CONFIG)
+
+
 
 MODULE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mailchimp_oauth_demo.py")
 
