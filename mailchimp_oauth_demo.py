@@ -1228,7 +1228,7 @@ def origin_of(url: str) -> str:
 
 ENVIRONMENT = """environment:
   MAILCHIMP_CLIENT_ID      your app's client_id, from Mailchimp's Registered Apps
-  MAILCHIMP_CLIENT_SECRET  its client_secret (neither is needed with --sandbox)
+  MAILCHIMP_CLIENT_SECRET  the client_secret shown with it
   MAILCHIMP_LOGIN_URL      OAuth endpoints (default https://login.mailchimp.com)
   MAILCHIMP_API_URL        API (default https://{dc}.api.mailchimp.com/3.0)"""
 
@@ -1254,8 +1254,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                           help="log warnings only, not each step of a login")
     loudness.add_argument("--verbose", action="store_true",
                           help="also log every request, the stand-in's included")
-    parser.add_argument("--sandbox", action="store_true",
-                        help="run against a stand-in for Mailchimp on this machine; no account")
+    if SANDBOX:
+        parser.add_argument("--sandbox", action="store_true",
+                            help="run against a stand-in for Mailchimp on this machine")
     return parser.parse_args(argv)
 
 
@@ -1279,6 +1280,8 @@ def positive_seconds(text: str) -> float:
 
 
 STOP_SECONDS = 5.0  # how long a stop waits for the requests being answered
+# --sandbox: the section at the end of this file sets it; a copy without that section has none.
+SANDBOX: Callable[[argparse.Namespace, Store], tuple[Server, OAuthDemo]] | None = None
 
 
 def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] = os.environ) -> int:
@@ -1289,8 +1292,8 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] = os.envi
             raise ConfigError(f"--host {args.host} is reachable from other machines, so it "
                               "needs --base-url https://...: the address browsers use")
         store = Store(args.store) if args.store else Store()
-        if args.sandbox:  # the stand-in at the end of this file
-            server, app = sandboxed(start_sandbox(), args, store)
+        if SANDBOX and args.sandbox:
+            server, app = SANDBOX(args, store)
         else:
             config = config_from_env(environ, base_url=args.base_url, timeout=args.timeout)
             server, app = make_server(config, host=args.host, port=args.port, store=store)
@@ -1305,7 +1308,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] = os.envi
         return 2
     print(f"Mailchimp OAuth 2 demo, listening. Press Ctrl+C to stop.\n"
           f"  open in your browser:      {app.config.base_url}/\n"
-          + ("  redirect URI (stand-in):   " if args.sandbox else "  redirect URI to register:  ")
+          + ("  redirect URI (stand-in):   " if app.notice else "  redirect URI to register:  ")
           + f"{app.config.redirect_uri}\n"
           f"  Mailchimp login server:    {app.config.login_url}\n"
           f"  connections kept in:       {store.where}", flush=True)
@@ -1473,8 +1476,8 @@ def claim_file(path: str) -> None:
 # Not Mailchimp, and not part of the flow above: login.mailchimp.com and the
 # Marketing API in miniature, on 127.0.0.1, strict where Mailchimp is strict,
 # so the unchanged flow can run offline over real sockets. Copying this file
-# into a project? Delete from here to the end, and the --sandbox lines in
-# parse_args() and main().
+# into a project? Delete from this banner down to "End of the sandbox": the
+# rest runs as before, without --sandbox.
 # ===========================================================================
 
 SANDBOX_NOTICE = ("SANDBOX: a stand-in for Mailchimp answers here, on this machine. "
@@ -1667,6 +1670,15 @@ def sandboxed(sandbox: Sandbox, args: argparse.Namespace,
                               store=store, notice=SANDBOX_NOTICE)
     sandbox.redirect_uri = app.config.redirect_uri  # as registering the app with Mailchimp
     return server, app
+
+
+def run_sandbox(args: argparse.Namespace, store: Store) -> tuple[Server, OAuthDemo]:
+    """--sandbox: start the stand-in, then the app pointed at it."""
+    return sandboxed(start_sandbox(), args, store)
+
+
+SANDBOX = run_sandbox
+# End of the sandbox =========================================================
 
 
 if __name__ == "__main__":

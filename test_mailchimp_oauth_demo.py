@@ -9,10 +9,12 @@ import email.message
 import hashlib
 import html.parser
 import http.client
+import importlib.util
 import io
 import json
 import logging
 import os
+import pathlib
 import re
 import select
 import signal
@@ -702,6 +704,10 @@ def browser(server: demo.Server) -> Browser:
     return Browser(server.server_port)
 
 
+def warnings_in(log: pytest.LogCaptureFixture) -> list[str]:
+    return [record.getMessage() for record in log.records if record.levelno == logging.WARNING]
+
+
 @pytest.fixture
 def log(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
     caplog.set_level(logging.DEBUG, logger="mailchimp_oauth_demo")
@@ -1025,19 +1031,8 @@ def test_an_authorization_error_other_than_deny_is_mailchimps_fault(
 
 # --- steps 4 to 6: every way Mailchimp's reply can be unusable --------------
 
-def test_rotated_secret_gives_502_with_the_rotation_hint(
-        browser: Browser, mailchimp: FakeMailchimp) -> None:
-    mailchimp.replies[TOKEN_URL] = (401, {"error": "invalid_client",
-                                          "error_description": f"Client auth failed {SCRIPT}"})
-    page = browser.connect()
-    assert page.status == HTTPStatus.BAD_GATEWAY
-    assert "Step 4 (token exchange) failed" in page.text and "invalid_client" in page.text
-    assert "rotated" in page.text
-    assert SCRIPT not in page.text
-    assert mailchimp.urls() == [TOKEN_URL]
-
-
 @pytest.mark.parametrize("scripted", [
+    (401, {"error": "invalid_client", "error_description": f"Client auth failed {SCRIPT}"}),
     (500, b"<html><h1>Internal Server Error</h1>" + SCRIPT.encode() + b"</html>"),
     (200, b"this is not JSON " + SCRIPT.encode()),
     (200, {"expires_in": 0, "scope": None}),
@@ -1127,8 +1122,7 @@ def test_each_failure_logs_one_warning_naming_the_step(
         browser: Browser, mailchimp: FakeMailchimp, log: pytest.LogCaptureFixture) -> None:
     mailchimp.replies[TOKEN_URL] = (401, {"error": "invalid_client"})
     browser.connect()
-    warnings = [record.getMessage() for record in log.records
-                if record.levelno == logging.WARNING]
+    warnings = warnings_in(log)
     assert len(warnings) == 1
     assert "-> 502 Step 4 (token exchange) failed: Mailchimp answered 401" in warnings[0]
 
@@ -1188,8 +1182,7 @@ def test_each_failure_line_names_its_step_and_the_likely_cause(
         url: str, scripted: Any, step: str, hint: str) -> None:
     mailchimp.replies[url] = scripted
     browser.connect()
-    [warning] = [record.getMessage() for record in log.records
-                 if record.levelno == logging.WARNING]
+    [warning] = warnings_in(log)
     assert f"{step} (" in warning and "failed" in warning
     assert "Hint: " in warning and hint in warning.split("Hint: ")[1]
 
@@ -1202,8 +1195,7 @@ def test_a_refused_callback_line_names_step_3_and_what_to_do(
         browser: Browser, log: pytest.LogCaptureFixture, query: str, says: str) -> None:
     browser.start_login()
     browser.get(f"{demo.CALLBACK_PATH}?{query}")
-    [warning] = [record.getMessage() for record in log.records
-                 if record.levelno == logging.WARNING]
+    [warning] = warnings_in(log)
     assert "Step 3 (callback) failed" in warning and says in warning
 
 
@@ -1475,8 +1467,7 @@ def test_at_the_connection_cap_new_connections_wait_and_the_log_says_so_once(
         assert select.select([waiting], [], [], 0.3)[0] == []  # in the backlog, unanswered
         held[0].close()
         assert waiting.recv(12) == b"HTTP/1.1 200"  # it took the freed place
-        warnings = [record.getMessage() for record in log.records
-                    if record.levelno == logging.WARNING]
+        warnings = warnings_in(log)
     assert warnings == ["serving 4 connections, the most it will; new ones wait"]
 
 
@@ -1619,10 +1610,38 @@ def test_config_never_shows_the_secret_in_its_repr() -> None:
 MODULE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mailchimp_oauth_demo.py")
 
 
-def run_module(*args: str, env: dict[str, str]) -> subprocess.Popen[str]:
+@dataclass
+class Run:
+    """The module run as a user runs it: its banner, then (once stopped) what it printed."""
+
+    process: subprocess.Popen[str]
+    banner: list[str]
+    out: str = ""
+    err: str = ""
+
+    @property
+    def port(self) -> int:
+        return int(self.banner[1].split()[-1].rstrip("/").rsplit(":", 1)[1])
+
+
+@contextlib.contextmanager
+def running(*args: str, env: dict[str, str], module: str = MODULE) -> Iterator[Run]:
+    """python MODULE ARGS, with env as its only MAILCHIMP_* settings, until the block ends."""
     clean = {name: value for name, value in os.environ.items() if not name.startswith("MAILCHIMP")}
-    return subprocess.Popen([sys.executable, MODULE, *args], env={**clean, **env}, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process = subprocess.Popen([sys.executable, module, *args], env={**clean, **env}, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    watchdog = threading.Timer(20, process.kill)  # a silent process can't hang the suite
+    watchdog.start()
+    assert process.stdout is not None
+    run = Run(process, [process.stdout.readline() for _ in range(6 if "--sandbox" in args
+                                                                  else 5)])
+    try:
+        yield run
+    finally:
+        watchdog.cancel()
+        if process.poll() is None:
+            process.terminate()
+        run.out, run.err = process.communicate(timeout=10)
 
 
 class HeldMailchimp:
@@ -1646,50 +1665,90 @@ def test_sigterm_lets_a_login_in_flight_finish_then_exits_0() -> None:
     held = HeldMailchimp()
     upstream = demo.Server(("127.0.0.1", 0))
     upstream.app = held
-    with serving(upstream):
-        process = run_module("--port", "0", env={**ENV, "MAILCHIMP_LOGIN_URL": upstream.origin,
-                                                 "MAILCHIMP_API_URL": upstream.origin + "/{dc}/3.0"})
-        watchdog = threading.Timer(20, process.kill)
-        watchdog.start()
-        try:
-            assert process.stdout is not None
-            lines = [process.stdout.readline() for _ in range(5)]
-            browser = Browser(int(lines[1].split()[-1].rstrip("/").rsplit(":", 1)[1]))
-            state = browser.start_login()
-            answers: list[Page] = []
-            login = threading.Thread(
-                target=lambda: answers.append(browser.callback(code=CODE, state=state)))
-            login.start()
-            assert held.arrived.wait(10)  # the login is in flight, at step 4
-            process.send_signal(signal.SIGTERM)
-            assert process.stdout.readline().startswith("stopping")
-            held.go.set()
-            login.join()
-            out, _ = process.communicate(timeout=10)
-        finally:
-            watchdog.cancel()
-            process.kill()
-    assert process.returncode == 0 and out.strip() == "stopped"
+    upstream_env = {"MAILCHIMP_LOGIN_URL": upstream.origin,
+                    "MAILCHIMP_API_URL": upstream.origin + "/{dc}/3.0"}
+    with serving(upstream), running("--port", "0", env={**ENV, **upstream_env}) as run:
+        browser = Browser(run.port)
+        state = browser.start_login()
+        answers: list[Page] = []
+        login = threading.Thread(
+            target=lambda: answers.append(browser.callback(code=CODE, state=state)))
+        login.start()
+        assert held.arrived.wait(10)  # the login is in flight, at step 4
+        run.process.send_signal(signal.SIGTERM)
+        assert run.process.stdout is not None
+        assert run.process.stdout.readline().startswith("stopping")
+        held.go.set()
+        login.join()
+        run.process.wait(timeout=10)
+    assert run.process.returncode == 0 and run.out.strip() == "stopped"
     assert answers[0].status == HTTPStatus.SEE_OTHER  # the login completed
 
 
 def test_startup_prints_the_url_and_the_redirect_uri_to_register_and_nothing_secret() -> None:
-    process = run_module("--port", "0", env=ENV)
-    watchdog = threading.Timer(10, process.kill)  # a silent process can't hang the suite
-    watchdog.start()
-    try:
-        assert process.stdout is not None
-        lines = [process.stdout.readline() for _ in range(5)]
-        url = lines[1].split()[-1]
-        assert lines[2].split()[-1] == url.rstrip("/") + demo.CALLBACK_PATH
-        assert "to register" in lines[2] and lines[4].split()[-1] == "memory"
+    with running("--port", "0", env=ENV) as run:
+        url = run.banner[1].split()[-1]
+        assert run.banner[2].split()[-1] == url.rstrip("/") + demo.CALLBACK_PATH
+        assert "to register" in run.banner[2] and run.banner[4].split()[-1] == "memory"
         with urllib.request.urlopen(url, timeout=10) as answer:
             assert answer.status == HTTPStatus.OK
-        assert CLIENT_SECRET not in "".join(lines)
-    finally:
-        watchdog.cancel()
-        process.terminate()
-        process.communicate(timeout=10)
+    assert CLIENT_SECRET not in "".join(run.banner) + run.out + run.err
+
+
+def without_the_sandbox(path: Any) -> Any:
+    """The module as the comment over its sandbox section says to copy it, written to path."""
+    lines = pathlib.Path(MODULE).read_text(encoding="utf-8").splitlines(keepends=True)
+    start = next(n for n, line in enumerate(lines) if line.startswith("# Sandbox: a stand-in"))
+    end = next(n for n, line in enumerate(lines) if line.startswith("# End of the sandbox"))
+    path.write_text("".join(lines[:start - 1] + lines[end + 1:]), encoding="utf-8")
+    return path
+
+
+def readme_examples() -> list[str]:
+    readme = pathlib.Path(MODULE).with_name("README.md").read_text(encoding="utf-8")
+    return re.findall(r"^```python\n(.*?)^```", readme, re.DOTALL | re.MULTILINE)
+
+
+@pytest.mark.parametrize("example", readme_examples())
+def test_every_python_block_of_the_readme_runs(example: str) -> None:
+    exec(compile(example, "README.md", "exec"), {})  # noqa: S102 -- our own README
+
+
+def test_the_readmes_login_and_callback_handlers_connect_with_a_scripted_mailchimp(
+        mailchimp: FakeMailchimp) -> None:
+    [example] = readme_examples()
+    names: dict[str, Any] = {}
+    exec(compile(example, "README.md", "exec"), names)  # noqa: S102 -- our own README
+    names["opener"] = mailchimp  # instead of urllib's, which would reach the network
+    session: dict[str, str] = {}
+    address = names["start_login"](session)
+    state = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(address).query))["state"]
+    with pytest.raises(demo.FlowError):  # someone else's callback: nothing is sent
+        names["finish_login"]({"mailchimp_state": "x" * 43}, "user-1", f"code={CODE}&state={state}")
+    assert mailchimp.sent == []
+    names["finish_login"](session, "user-1", f"code={CODE}&state={state}")
+    assert names["database"] == {"user-1": (TOKEN, "us19")} and session == {}
+
+
+def test_the_copy_recipe_leaves_a_module_that_runs_and_logs_in_without_the_sandbox(
+        tmp_path: Any, mailchimp: FakeMailchimp, monkeypatch: pytest.MonkeyPatch) -> None:
+    copy = without_the_sandbox(tmp_path / "mailchimp_oauth.py")
+    assert "Sandbox" not in copy.read_text() and "SANDBOX = " not in copy.read_text()
+    shown = subprocess.run([sys.executable, str(copy), "--help"], capture_output=True,
+                           text=True, timeout=20, check=False)
+    assert shown.returncode == 0 and "--port" in shown.stdout and "sandbox" not in shown.stdout
+    with running("--port", "0", env=ENV, module=str(copy)) as run:
+        assert Browser(run.port).get("/").status == HTTPStatus.OK
+    spec = importlib.util.spec_from_file_location("mailchimp_oauth", copy)
+    assert spec is not None and spec.loader is not None
+    copied = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "mailchimp_oauth", copied)  # as an import would
+    spec.loader.exec_module(copied)
+    server, _ = copied.make_server(copied.Config(CLIENT_ID, CLIENT_SECRET), port=0,
+                                   opener=mailchimp)
+    with serving(server):
+        assert Browser(server.server_port).connect().status == HTTPStatus.SEE_OTHER
+    assert mailchimp.urls() == [TOKEN_URL, METADATA_URL, PING_URL]
 
 
 @pytest.mark.parametrize("env, args, says", [
@@ -1952,19 +2011,9 @@ def test_stand_in_ping_wants_an_issued_token(stand_in: demo.Sandbox, authorizati
 
 def run_sandbox_login(*args: str) -> str:
     """python mailchimp_oauth_demo.py --sandbox ARGS, one login through it; its stderr."""
-    process = run_module("--sandbox", "--port", "0", *args, env={})
-    watchdog = threading.Timer(20, process.kill)
-    watchdog.start()
-    try:
-        assert process.stdout is not None
-        lines = [process.stdout.readline() for _ in range(6)]
-        browser = Browser(int(lines[1].split()[-1].rstrip("/").rsplit(":", 1)[1]))
-        assert click(browser, "allow").status == HTTPStatus.SEE_OTHER
-    finally:
-        watchdog.cancel()
-        process.terminate()
-        _, err = process.communicate(timeout=10)
-    return err
+    with running("--sandbox", "--port", "0", *args, env={}) as run:
+        assert click(Browser(run.port), "allow").status == HTTPStatus.SEE_OTHER
+    return run.err
 
 
 def test_the_terminal_shows_the_steps_quiet_hides_them_verbose_adds_each_request() -> None:
@@ -1976,19 +2025,11 @@ def test_the_terminal_shows_the_steps_quiet_hides_them_verbose_adds_each_request
 
 
 def test_sandbox_command_runs_the_whole_flow_offline_with_no_settings() -> None:
-    process = run_module("--sandbox", "--port", "0",
-                         env={"http_proxy": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9",
-                              "https_proxy": "http://127.0.0.1:9"})
-    watchdog = threading.Timer(20, process.kill)
-    watchdog.start()
-    try:
-        assert process.stdout is not None
-        lines = [process.stdout.readline() for _ in range(6)]
-        assert "SANDBOX" in lines[5] and "stand-in" in lines[2] and "register" not in lines[2]
-        browser = Browser(int(lines[1].split()[-1].rstrip("/").rsplit(":", 1)[1]))
+    proxy = "http://127.0.0.1:9"  # nothing listens there: a request through it would fail
+    with running("--sandbox", "--port", "0", env={"http_proxy": proxy, "HTTP_PROXY": proxy,
+                                                  "https_proxy": proxy}) as run:
+        assert "SANDBOX" in run.banner[5] and "stand-in" in run.banner[2]
+        assert "register" not in run.banner[2]
+        browser = Browser(run.port)
         assert click(browser, "allow").status == HTTPStatus.SEE_OTHER
         assert "Sandbox Account" in browser.get("/").text
-    finally:
-        watchdog.cancel()
-        process.terminate()
-        process.communicate(timeout=10)
