@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import contextlib
 import email.message
 import errno
 import hashlib
@@ -69,7 +68,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import astuple, dataclass, field, replace
 from http import HTTPStatus
 from typing import Any, Protocol
@@ -603,7 +602,7 @@ def authorized_request(url: str, authorization: str) -> urllib.request.Request:
 
 def reply_json(reply: Reply, step: str) -> dict[str, Any]:
     """A 2xx reply's JSON object; anything else is a 502 that says what Mailchimp said."""
-    if not 200 <= reply.status < 300:
+    if not HTTPStatus.OK <= reply.status < HTTPStatus.MULTIPLE_CHOICES:  # not a 2xx
         raise refusal_error(reply, step)
     try:
         data = json.loads(reply.body.decode("utf-8"))
@@ -896,6 +895,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.input = RequestInput(self.connection, self.server.request_timeout)
         self.rfile = io.BufferedReader(self.input)
         self.wfile = self.connection.makefile("wb", self.wbufsize)
+        self.answering = False  # between reading a request and sending its answer
+        self.server.handlers.add(self)
+
+    def finish(self) -> None:
+        self.server.handlers.discard(self)
+        super().finish()
 
     def handle_one_request(self) -> None:
         """http.server's, with the clock started and a head past MAX_HEAD_BYTES refused."""
@@ -931,17 +936,20 @@ class Handler(http.server.BaseHTTPRequestHandler):
                       form=form, authorization=self.headers.get("Authorization", ""),
                       host=self.headers.get("Host", ""), origin=self.headers.get("Origin", ""),
                       fetch_site=self.headers.get("Sec-Fetch-Site", ""))
-        with self.server.in_flight():
-            try:
-                response = self.server.app.respond(self.command, visit)
-            except Exception:  # a bug: the operator gets the traceback, the browser a page
-                logger.exception("%sbug while answering %s %s", self.server.label,
-                                 self.command, printable(path, 100))
-                response = Response(HTTPStatus.INTERNAL_SERVER_ERROR, problem_page(
-                    HTTPStatus.INTERNAL_SERVER_ERROR, "Something went wrong inside this app; "
-                    "the details are in its log."), note="see the traceback above")
+        self.answering = True  # a stop waits for this answer
+        try:
+            response = self.server.app.respond(self.command, visit)
+        except Exception:  # a bug: the operator gets the traceback, the browser a plain page
+            logger.exception("%sbug while answering %s %s", self.server.label, self.command,
+                             printable(path, 100))
+            response = Response(HTTPStatus.INTERNAL_SERVER_ERROR, problem_page(
+                HTTPStatus.INTERNAL_SERVER_ERROR, "Something went wrong inside this app; the "
+                "details are in its log."), note="see the traceback above")
+        try:
             self.deliver(response)
             self.wfile.flush()
+        finally:
+            self.answering = False
 
     do_GET = do_HEAD = do_POST = answer  # the app decides what each method may do
 
@@ -996,7 +1004,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def log_response(self, response: Response) -> None:
         """One line a request: who, what, the status, and why; never the query string.
         A failure is a warning; a success is DEBUG, since the steps tell the story."""
-        level = logging.WARNING if response.status >= 400 else logging.DEBUG
+        level = logging.WARNING if response.status >= HTTPStatus.BAD_REQUEST else logging.DEBUG
         if not logger.isEnabledFor(level):
             return
         target = f"{self.command} {printable(self.path.partition('?')[0], 100)}" \
@@ -1036,8 +1044,7 @@ class Server(http.server.ThreadingHTTPServer):
         self.connections = 0
         self.full = False  # reached max_connections, and not yet back down to half of it
         self.room = threading.Condition()  # notified when a connection closes
-        self.working = 0
-        self.idle = threading.Condition()  # notified when a request has been answered
+        self.handlers: set[Handler] = set()  # one per open connection
         if ":" in self.host:
             self.address_family = socket.AF_INET6
         super().__init__(address, Handler)
@@ -1073,22 +1080,15 @@ class Server(http.server.ThreadingHTTPServer):
         else:
             logger.exception("%sbug while serving %s", self.label, client_address[0])
 
-    @contextlib.contextmanager
-    def in_flight(self) -> Iterator[None]:
-        """Count a request as being answered, so a stop can wait for it."""
-        with self.idle:
-            self.working += 1
-        try:
-            yield
-        finally:
-            with self.idle:
-                self.working -= 1
-                self.idle.notify_all()
-
     def finish_requests(self, seconds: float) -> bool:
-        """Wait for the requests being answered, up to seconds; whether they all finished."""
-        with self.idle:
-            return self.idle.wait_for(lambda: self.working == 0, seconds)
+        """Wait for the requests being answered, up to seconds; whether they all finished.
+        (It looks every 20 ms: a lock taken for every request would cost every request.)"""
+        deadline = time.monotonic() + seconds
+        while any(handler.answering for handler in list(self.handlers)):
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.02)
+        return True
 
     def server_bind(self) -> None:
         """Bind, skipping http.server's reverse DNS lookup of our own address: nothing here
@@ -1627,7 +1627,7 @@ class Sandbox:
             scheme = visit.authorization.partition(" ")[0]
             return json_response(HTTPStatus.UNAUTHORIZED, {
                 "type": "https://mailchimp.com/developer/marketing/docs/errors/",
-                "title": "API Key Invalid", "status": 401,
+                "title": "API Key Invalid", "status": HTTPStatus.UNAUTHORIZED.value,
                 "detail": "The sandbox's stand-in did not issue this token: it forgets its "
                           "tokens when the app restarts. Connect again."
                 if scheme in ("Bearer", "OAuth") else "Send Authorization: Bearer <token>."},
