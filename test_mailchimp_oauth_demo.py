@@ -598,8 +598,8 @@ def foreign_page(url: str, referrer_policy: str = "") -> Page:
 
 class Browser:
     """Just enough of a browser: one cookie jar for 127.0.0.1 (whatever the port, as browsers
-    keep them, and sent with every request, as browsers do within a site), follows nothing,
-    one connection a request."""
+    keep them), sent with every request but another site's POST (SameSite=Lax), follows
+    nothing, one connection a request."""
 
     def __init__(self, port: int, address: str = "") -> None:
         self.origin = address or f"http://127.0.0.1:{port}"  # address: as a proxy shows the app
@@ -607,7 +607,7 @@ class Browser:
         self.cookies: dict[str, str] = {}
 
     def request(self, method: str, target: str, body: bytes | None = None,
-                headers: dict[str, str] | None = None) -> Page:
+                headers: dict[str, str] | None = None, cookies: bool = True) -> Page:
         url = urllib.parse.urljoin(self.origin, target)
         parts = urllib.parse.urlsplit(url)
         host, port = ("127.0.0.1", self.port) if origin(url) == self.origin else (
@@ -615,7 +615,7 @@ class Browser:
         assert host == "127.0.0.1" and port, f"left loopback: {target}"
         connection = http.client.HTTPConnection(host, port, timeout=10)
         sent = dict(headers or {})
-        if self.cookies:
+        if self.cookies and cookies:
             sent["Cookie"] = "; ".join(f"{name}={value}" for name, value in self.cookies.items())
         connection.request(method, parts.path + (f"?{parts.query}" if parts.query else ""),
                            body=body, headers=sent)
@@ -645,8 +645,9 @@ class Browser:
             headers.update({"Sec-Fetch-Site": fetch_site(page.url, target),
                             "Sec-Fetch-Mode": "navigate", "Sec-Fetch-Dest": "document",
                             "Sec-Fetch-User": "?1"})
+        cross_site = fetch_site(page.url, target) == "cross-site"  # Lax: the cookie stays home
         return self.request("POST", target, urllib.parse.urlencode(fields or {}).encode(),
-                            headers)
+                            headers, cookies=not cross_site)
 
     def press(self, action: str, sends: str = "everything") -> Page:
         """Open the start page and press its button for action (Ping again, Disconnect)."""
