@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import email.message
 import errno
 import hashlib
@@ -74,7 +75,7 @@ from http import HTTPStatus
 from typing import Any, Protocol
 
 __all__ = [  # noqa: RUF022 -- the public names in the flow's order, not the alphabet's
-    "Config", "Opener", "FlowError", "new_secret", "authorize_url", "check_callback",
+    "Config", "Opener", "new_opener", "FlowError", "new_secret", "authorize_url", "check_callback",
     "exchange_code", "Account", "find_account", "ping", "Connection", "connect", "mask",
     "OAuthDemo", "Store", "make_server", "main",
 ]
@@ -123,9 +124,10 @@ class Config:
 
 
 class Opener(Protocol):
-    """The HTTP client the steps send through: urllib.request.build_opener(), or a test's
-    fake. open() returns a response with .status, .read(n) and .close(), and may raise
-    urllib.error.HTTPError (itself such a response), URLError, OSError or HTTPException."""
+    """The HTTP client the steps send through: new_opener() (urllib's, following no
+    redirects), or a test's fake. open() returns a response with .status, .read1(n) and
+    .close(), and may raise urllib.error.HTTPError (itself such a response), URLError,
+    OSError or HTTPException."""
 
     def open(self, fullurl: urllib.request.Request, /, *, timeout: float) -> Any: ...
 
@@ -319,6 +321,7 @@ class OAuthDemo:
         self.notice = notice  # a line at the top of every page: the sandbox says SANDBOX
         self.secure = config.base_url.startswith("https:")  # then cookies are Secure too
         self.netloc = urllib.parse.urlsplit(config.base_url).netloc  # its Host header
+        self.hostname = urllib.parse.urlsplit(config.base_url).hostname or ""
         self.welcome = page("Mailchimp OAuth 2 demo", WELCOME, notice)  # built once
         self.routes = {  # HEAD only where GET changes nothing: a link checker's HEAD must
             "/": {"GET": self.show_index, "HEAD": self.show_index},  # not spend a login
@@ -393,14 +396,31 @@ class OAuthDemo:
 
     def respond(self, method: str, visit: Visit) -> Response:
         """Answer one request; a failed step becomes its error page."""
+        if not self.answers_to(visit.host):
+            return Response(HTTPStatus.MISDIRECTED_REQUEST, problem_page(
+                HTTPStatus.MISDIRECTED_REQUEST, "This app does not answer to that name.",
+                f"Open {self.config.base_url}/ instead.", self.notice),
+                note=f"Host {printable(visit.host, 100)!r} is not a name of this app")
         if self.is_loopback_alias(visit.host):  # localhost's cookie would miss the callback
-            return redirect(self.config.base_url + visit.path)
+            return redirect(self.config.base_url + visit.path)  # a path: "/", then [!-~]*
         try:
             return dispatch(self.routes, method, visit, self.notice)
         except FlowError as err:
             return failure(err, self.notice)
         except StoreError as err:  # a full disk, say: the user gets a page, the server lives on
             return failure(FlowError(err.status, STEP_KEEP, str(err)), self.notice)
+
+    def answers_to(self, host_header: str) -> bool:
+        """Whether Host names this app: its base URL's host, localhost or an IP address. Any
+        other name came through someone's DNS: an attacker's name resolving to 127.0.0.1
+        (DNS rebinding) would let their pages read ours, so it gets no page and no cookie."""
+        if not host_header or host_header == self.netloc:
+            return True  # HTTP/1.0 without Host, or the usual case, answered quickly
+        try:
+            name = urllib.parse.urlsplit("//" + host_header).hostname or ""
+        except ValueError:  # the HTTP layer checked its shape, but not each IPv6 address
+            return False
+        return name in (self.hostname, "localhost") or is_ip_address(name)
 
     def is_loopback_alias(self, host_header: str) -> bool:
         """Whether the browser reached us by another loopback name for the same port
@@ -416,6 +436,10 @@ class OAuthDemo:
         return (ours.scheme == "http" and ports[0] == ports[1] and bool(theirs.hostname)
                 and theirs.hostname != ours.hostname
                 and is_loopback(ours.hostname or "") and is_loopback(theirs.hostname or ""))
+
+    def close(self) -> None:
+        """Let go of the store (the server closes its app when it stops)."""
+        self.store.close()
 
     def check_same_origin(self, visit: Visit, action: str) -> None:
         """Refuse a POST that another site's page made (CSRF). Browsers say where a request
@@ -572,17 +596,33 @@ class Reply:
     seconds: float = 0.0
 
 
+class NoRedirects(urllib.request.HTTPRedirectHandler):
+    """urllib's redirects, not followed: Mailchimp's endpoints never send one, so a 3xx is an
+    answer to report, not an address (perhaps ftp://, perhaps malformed) to send secrets to."""
+
+    def http_error_302(self, req: urllib.request.Request, fp: Any, code: int, msg: str,
+                       headers: email.message.Message) -> None:
+        return None  # urllib then raises the answer as an HTTPError, which send() reads
+
+    http_error_301 = http_error_303 = http_error_307 = http_error_308 = http_error_302
+
+
+def new_opener(*handlers: urllib.request.BaseHandler) -> urllib.request.OpenerDirector:
+    """urllib's opener for the steps (proxies as the environment says), with no redirects."""
+    return urllib.request.build_opener(NoRedirects, *handlers)
+
+
 def send(opener: Opener, request: urllib.request.Request, timeout: float, step: str) -> Reply:
     """Send one request to Mailchimp and read the answer, whatever its status; no answer in
     time is a 504, none at all a 502."""
-    host, started = urllib.parse.urlsplit(request.full_url).netloc, time.perf_counter()
+    host, started = urllib.parse.urlsplit(request.full_url).netloc, time.monotonic()
     try:
         try:
             response = opener.open(request, timeout=timeout)
         except urllib.error.HTTPError as err:  # urllib raises non-2xx answers; still answers
             response = err
         try:
-            status, body = int(response.status), response.read(MAX_REPLY_BYTES + 1)
+            status, body = int(response.status), read_reply(response, started + timeout)
         finally:
             response.close()
     except (http.client.HTTPException, OSError) as err:  # URLError and timeouts are OSErrors
@@ -590,7 +630,23 @@ def send(opener: Opener, request: urllib.request.Request, timeout: float, step: 
     if len(body) > MAX_REPLY_BYTES:
         raise FlowError(HTTPStatus.BAD_GATEWAY, step, f"{host} sent an oversized reply.",
                         HINT_UNEXPECTED)
-    return Reply(status, body, time.perf_counter() - started)
+    return Reply(status, body, time.monotonic() - started)
+
+
+def read_reply(response: Any, deadline: float) -> bytes:
+    """The body, up to one byte past MAX_REPLY_BYTES, all of it by the deadline: urllib's
+    timeout bounds each wait for bytes, so a reply trickling in would take as long as it liked."""
+    chunks: list[bytes] = []
+    left = MAX_REPLY_BYTES + 1
+    while left > 0:
+        if time.monotonic() > deadline:
+            raise TimeoutError("the reply did not arrive in time")
+        chunk = response.read1(left)  # whatever has arrived, at least a byte; b"" at the end
+        if not chunk:
+            break
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
 
 
 def authorized_request(url: str, authorization: str) -> urllib.request.Request:
@@ -641,6 +697,8 @@ def denial_error(error: str, description: str) -> FlowError:
 def refusal_error(reply: Reply, step: str) -> FlowError:
     """A non-2xx reply as a 502, quoting Mailchimp's OAuth error or API problem."""
     error, said = mailchimp_said(reply.body)
+    if HTTPStatus.MULTIPLE_CHOICES <= reply.status < HTTPStatus.BAD_REQUEST:
+        said = "a redirect, which these endpoints never send; it was not followed"
     message = f"Mailchimp answered {reply.status}" + (f": {said}" if said else ".")
     hint = HINTS.get((step, error)) or HINTS.get((step, reply.status)) or (
         HINT_BUSY if reply.status >= HTTPStatus.INTERNAL_SERVER_ERROR else HINT_UNEXPECTED)
@@ -802,6 +860,10 @@ def problem_page(status: HTTPStatus, message: str, hint: str = "", notice: str =
 
 MAX_BODY_BYTES = 16 * 1024  # the only bodies are forms of a few fields
 MAX_HEAD_BYTES = 32 * 1024  # request line and headers; a browser's are 1 to 8 KiB
+# RFC 9112 §3: a method, one space, a path (absolute URLs are for proxies, and "@evil/" would
+# end up in a Location), one space, the version. str.split() also splits at \x85 and \xa0.
+REQUEST_LINE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+ /[!-~]* HTTP/[0-9]\.[0-9]\r?\n")
+HOST = re.compile(r"[A-Za-z0-9._-]+(:[0-9]{1,5})?|\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?")
 
 SECURITY_HEADERS = (
     ("Cache-Control", "no-store"),  # pages hold account data, URLs hold codes: never cache
@@ -813,8 +875,12 @@ SECURITY_HEADERS = (
 )
 
 
-class HeadTooLarge(Exception):
-    """The request line and headers went past MAX_HEAD_BYTES."""
+class BadHead(Exception):
+    """A request head refused before http.server parses it: the status, and why."""
+
+    def __init__(self, status: HTTPStatus, why: str) -> None:
+        super().__init__(why)
+        self.status = status
 
 
 class RequestInput(io.RawIOBase):
@@ -825,13 +891,14 @@ class RequestInput(io.RawIOBase):
     def __init__(self, sock: socket.socket, seconds: float) -> None:
         self.sock, self.seconds, self.timeout = sock, seconds, seconds
         self.sock.settimeout(seconds)
-        self.deadline = 0.0
-        self.head_left = 0  # bytes the head may still take; -1 once the head is read
+        self.started = self.deadline = 0.0
+        self.head_left = -1  # bytes the head may still take; -1 while no head is being read
         self.hung_up = False  # the client closed the connection with its head unfinished
 
     def expect_request(self) -> None:
         """The clock starts: for the first request, at connect; then, at the last answer."""
-        self.deadline, self.head_left = time.monotonic() + self.seconds, MAX_HEAD_BYTES
+        self.started = time.monotonic()
+        self.deadline, self.head_left = self.started + self.seconds, MAX_HEAD_BYTES
         self.hung_up = False
 
     def head_read(self) -> None:
@@ -843,6 +910,16 @@ class RequestInput(io.RawIOBase):
             self.timeout = self.seconds
             self.sock.settimeout(self.seconds)  # for writing the answer
 
+    def head_waiting_since(self) -> float:
+        """When the request head still being read began to arrive; inf if none is."""
+        return self.started if self.head_left >= 0 else math.inf
+
+    def cut_off(self) -> None:
+        """Read no more: the server needs this connection's place. (An answer being written,
+        if the head has arrived after all, still goes out.)"""
+        with contextlib.suppress(OSError):  # the connection has closed meanwhile
+            self.sock.shutdown(socket.SHUT_RD)
+
     def readable(self) -> bool:
         return True
 
@@ -852,7 +929,8 @@ class RequestInput(io.RawIOBase):
             # http.server closes the connection; on Python 3.9 it catches only socket.timeout
             raise socket.timeout("the request did not arrive in time")  # noqa: UP041
         if self.head_left == 0:
-            raise HeadTooLarge
+            raise BadHead(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE,
+                          f"a request head over {MAX_HEAD_BYTES} bytes")
         if left < self.timeout - 1:  # near the deadline, no read may outlast it (by over 1 s;
             self.timeout = left  # settimeout lets go of the GIL: too dear for every read)
             self.sock.settimeout(left)
@@ -864,6 +942,28 @@ class RequestInput(io.RawIOBase):
         return received
 
 
+class RequestReader(io.BufferedReader):
+    """A connection's input as http.server reads it, with each line of a request head refused
+    if it holds a CR that does not end it: Python's header parser takes a lone CR for the end
+    of the head and drops the rest (CPython issue 114782), so a hidden header goes unseen."""
+
+    def readline(self, size: int | None = -1, /) -> bytes:
+        line = super().readline(size)
+        if b"\r" in line.removesuffix(b"\r\n"):
+            raise BadHead(HTTPStatus.BAD_REQUEST, "a bare CR in the request head")
+        return line
+
+
+def head_problem(headers: email.message.Message, version: str) -> tuple[HTTPStatus, str]:
+    """Why a request is refused once its head is read, and with what status; "" if it is not."""
+    problem = framing_problem(headers) or host_problem(headers, version)
+    if problem:
+        return HTTPStatus.BAD_REQUEST, problem
+    if int(headers.get("Content-Length", "0")) > MAX_BODY_BYTES:  # before "100 Continue"
+        return HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"a body over {MAX_BODY_BYTES} bytes"
+    return HTTPStatus.OK, ""
+
+
 def framing_problem(headers: email.message.Message) -> str:
     """Why a request's length is ambiguous (RFC 9112 §5, §6.3), or "". Two readers of one
     ambiguous request can disagree on where it ends: the rest is smuggled in as another."""
@@ -871,12 +971,23 @@ def framing_problem(headers: email.message.Message) -> str:
         return "a header line is malformed"
     if any("\n" in value for value in headers.values()):
         return "a header is folded over two lines"
-    lengths = headers.get_all("Content-Length") or []
+    lengths = [length.strip(" \t") for length in headers.get_all("Content-Length") or []]
     if len(lengths) > 1 or not all(re.fullmatch(r"[0-9]{1,9}", length) for length in lengths):
         return "Content-Length is repeated or not a number"
     if "Transfer-Encoding" in headers:
         return "Transfer-Encoding is not accepted on requests"
     return ""
+
+
+def host_problem(headers: email.message.Message, version: str) -> str:
+    """Why Host is unusable, or "": RFC 9112 §3.2 refuses an HTTP/1.1 request without one,
+    with two (which would name the app?), or with one that is no host[:port]."""
+    hosts = headers.get_all("Host") or []
+    if len(hosts) > 1:
+        return "Host is repeated"
+    if not hosts:
+        return "an HTTP/1.1 request has no Host" if version >= "HTTP/1.1" else ""
+    return "" if HOST.fullmatch(hosts[0].strip(" \t")) else "Host is not a host[:port]"
 
 
 class Handler(http.server.BaseHTTPRequestHandler):
@@ -888,14 +999,16 @@ class Handler(http.server.BaseHTTPRequestHandler):
     # request: two small writes on a kept-alive connection wait 40 ms for Nagle and delayed ACK.
     wbufsize = 64 * 1024
     server: Server
+    raw_requestline: bytes
 
     def setup(self) -> None:
         """http.server's streams, with input under the limits of RequestInput."""
         self.connection = self.request
         self.input = RequestInput(self.connection, self.server.request_timeout)
-        self.rfile = io.BufferedReader(self.input)
+        self.rfile = RequestReader(self.input)
         self.wfile = self.connection.makefile("wb", self.wbufsize)
         self.answering = False  # between reading a request and sending its answer
+        self.wants_continue = False  # it sent "Expect: 100-continue"
         self.server.handlers.add(self)
 
     def finish(self) -> None:
@@ -903,45 +1016,68 @@ class Handler(http.server.BaseHTTPRequestHandler):
         super().finish()
 
     def handle_one_request(self) -> None:
-        """http.server's, with the clock started and a head past MAX_HEAD_BYTES refused."""
+        """http.server's, with the clock started and a head it must not parse refused."""
         self.input.expect_request()
         try:
             super().handle_one_request()
-        except HeadTooLarge:
+        except BadHead as err:
             self.command, self.request_version = "", self.default_request_version
-            self.refuse(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE,
-                        f"a request head over {MAX_HEAD_BYTES} bytes")
+            self.refuse(err.status, str(err))
 
     def parse_request(self) -> bool:
-        """http.server's parsing, then the framing rules it leaves out; nothing for a client
-        that hung up half-way through its head (there is no one to answer)."""
-        parsed = not self.input.hung_up and super().parse_request()
+        """http.server's parsing, between checks of what it lets through: the request line
+        before, the head after; nothing for a client that hung up half-way through its head
+        (there is no one to answer)."""
+        self.wants_continue = False
+        strict = REQUEST_LINE.fullmatch(self.raw_requestline) is not None
+        parsed = strict and not self.input.hung_up and super().parse_request()
         self.input.head_read()
         if self.input.hung_up:
             self.close_connection = True
             logger.debug("%s%s hung up mid-request", self.server.label, self.client_address[0])
             return False
-        problem = framing_problem(self.headers) if parsed else ""
+        if not strict:
+            self.command, self.request_version = "", self.default_request_version
+            self.refuse(HTTPStatus.BAD_REQUEST, "the request line is not METHOD /path HTTP/x.y")
+            return False
+        status, problem = head_problem(self.headers, self.request_version) if parsed else (
+            HTTPStatus.OK, "")
         if problem:
-            self.refuse(HTTPStatus.BAD_REQUEST, problem)
+            self.refuse(status, problem)
+        elif parsed and self.wants_continue:  # only now: the body it would send is wanted
+            self.send_response_only(HTTPStatus.CONTINUE)
+            self.end_headers()
+            self.wfile.flush()  # in the write buffer, it would wait until the client gave up
         return parsed and not problem
+
+    def handle_expect_100(self) -> bool:
+        """http.server asks this while parsing; parse_request answers once the head is checked."""
+        self.wants_continue = True
+        return True
 
     def answer(self) -> None:
         """Turn the request into a Visit and send the app's Response, all before a stop."""
-        path, _, query = self.path.partition("?")
-        form = self.read_form()
+        length = int(self.headers.get("Content-Length", "0"))  # small: parse_request saw
+        body = self.rfile.read(length)
         self.input.request_read()
+        if len(body) < length:  # no whole request to answer: the client hung up mid-body
+            self.close_connection = True
+            logger.debug("%s%s hung up mid-body", self.server.label, self.client_address[0])
+            return
+        path, _, query = self.path.partition("?")
         visit = Visit(path, query,
                       session=session_from("; ".join(self.headers.get_all("Cookie") or [])),
-                      form=form, authorization=self.headers.get("Authorization", ""),
-                      host=self.headers.get("Host", ""), origin=self.headers.get("Origin", ""),
+                      form=form_of(self.headers, body),
+                      authorization=self.headers.get("Authorization", ""),
+                      host=self.headers.get("Host", "").strip(" \t"),
+                      origin=self.headers.get("Origin", ""),
                       fetch_site=self.headers.get("Sec-Fetch-Site", ""))
         self.answering = True  # a stop waits for this answer
         try:
             response = self.server.app.respond(self.command, visit)
         except Exception:  # a bug: the operator gets the traceback, the browser a plain page
-            logger.exception("%sbug while answering %s %s", self.server.label, self.command,
-                             printable(path, 100))
+            logger.exception("%sbug while answering %s %s", self.server.label,
+                             printable(self.command, 20), printable(path, 100))
             response = Response(HTTPStatus.INTERNAL_SERVER_ERROR, problem_page(
                 HTTPStatus.INTERNAL_SERVER_ERROR, "Something went wrong inside this app; the "
                 "details are in its log."), note="see the traceback above")
@@ -952,27 +1088,6 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.answering = False
 
     do_GET = do_HEAD = do_POST = answer  # the app decides what each method may do
-
-    def handle_expect_100(self) -> bool:
-        """Send "100 Continue" now: in the write buffer, a client waiting for it would wait
-        until it gave up."""
-        proceed = super().handle_expect_100()
-        self.wfile.flush()
-        return proceed
-
-    def read_form(self) -> dict[str, str] | None:
-        """The body's fields, if it is a small urlencoded form; any body is consumed or refused."""
-        length = int(self.headers.get("Content-Length", "0"))  # a number: parse_request saw
-        if length > MAX_BODY_BYTES:
-            self.close_connection = True  # an unread body must not be parsed as the next request
-            return None
-        body = self.rfile.read(length)
-        if self.headers.get_content_type() != "application/x-www-form-urlencoded":
-            return None
-        try:
-            return parse_fields(body.decode("ascii"))
-        except ValueError:  # not ASCII, repeated or too many fields: not a form we can read
-            return None
 
     def deliver(self, response: Response) -> None:
         """Status, headers and body in one go; for HEAD, everything but the body."""
@@ -986,6 +1101,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(response.body)))
         if self.close_connection:
             self.send_header("Connection", "close")
+        elif self.request_version == "HTTP/1.0":  # it asked to keep the connection: say yes
+            self.send_header("Connection", "keep-alive")
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(response.body)
@@ -1007,14 +1124,25 @@ class Handler(http.server.BaseHTTPRequestHandler):
         level = logging.WARNING if response.status >= HTTPStatus.BAD_REQUEST else logging.DEBUG
         if not logger.isEnabledFor(level):
             return
-        target = f"{self.command} {printable(self.path.partition('?')[0], 100)}" \
+        target = f"{printable(self.command, 20)} {printable(self.path.partition('?')[0], 100)}" \
             if self.command else "(unreadable request)"
         logger.log(level, "%s%s %s -> %d%s", self.server.label, self.client_address[0],
                    target, response.status, f" {response.note}" if response.note else "")
 
     def log_message(self, format: str, *args: Any) -> None:
         """http.server's own messages; only "Request timed out" on an idle connection is left."""
-        logger.debug("%s%s %s", self.server.label, self.client_address[0], format % args)
+        logger.debug("%s%s %s", self.server.label, self.client_address[0],
+                     printable(format % args))
+
+
+def form_of(headers: email.message.Message, body: bytes) -> dict[str, str] | None:
+    """The body's fields, if it is a urlencoded form we can read."""
+    if headers.get_content_type() != "application/x-www-form-urlencoded":
+        return None
+    try:
+        return parse_fields(body.decode("ascii"))
+    except ValueError:  # not ASCII, repeated or too many fields: not a form we can read
+        return None
 
 
 # ---------------------------------------------------------------------------
@@ -1025,6 +1153,8 @@ class App(Protocol):
     """What a Server serves: the OAuthDemo, or the sandbox's stand-in for Mailchimp."""
 
     def respond(self, method: str, visit: Visit) -> Response: ...
+
+    def close(self) -> None: ...
 
 
 class Server(http.server.ThreadingHTTPServer):
@@ -1043,6 +1173,7 @@ class Server(http.server.ThreadingHTTPServer):
         self.max_connections = max_connections or connection_cap()
         self.connections = 0
         self.full = False  # reached max_connections, and not yet back down to half of it
+        self.cutting = False  # has cut off a slow request head since it was full
         self.room = threading.Condition()  # notified when a connection closes
         self.handlers: set[Handler] = set()  # one per open connection
         if ":" in self.host:
@@ -1053,6 +1184,8 @@ class Server(http.server.ThreadingHTTPServer):
         """Accept a connection if there is room; if not, new ones wait in the backlog (this
         waits for room half a second at a time, so that a stop is heard, and never spins)."""
         with self.room:
+            if self.connections >= self.max_connections:
+                self.make_room()
             if not self.room.wait_for(lambda: self.connections < self.max_connections, 0.5):
                 raise OSError("no room for another connection")  # serve_forever tries again
             request = super().get_request()
@@ -1063,12 +1196,26 @@ class Server(http.server.ThreadingHTTPServer):
                                self.label, self.max_connections)
         return request
 
+    def make_room(self) -> None:
+        """Full, with a newcomer waiting (serve_forever calls get_request only then): cut off
+        the connection whose request head has been arriving the longest, if for over a second
+        (a slowloris holds its place this way; a browser's head takes milliseconds). A request
+        whose head is in is never cut off."""
+        slowest = min(self.handlers, key=lambda handler: handler.input.head_waiting_since(),
+                      default=None)
+        if slowest and slowest.input.head_waiting_since() < time.monotonic() - 1:
+            slowest.input.cut_off()
+            if not self.cutting:
+                self.cutting = True  # said once for a siege, like being full
+                logger.warning("%scutting off the slowest unfinished requests to let new "
+                               "connections in", self.label)
+
     def close_request(self, request: Any) -> None:
         super().close_request(request)
         with self.room:
             self.connections -= 1
             if self.full and self.connections <= self.max_connections // 2:
-                self.full = False
+                self.full = self.cutting = False
                 logger.warning("%sdown to %d connections", self.label, self.connections)
             self.room.notify()
 
@@ -1079,6 +1226,14 @@ class Server(http.server.ThreadingHTTPServer):
             logger.debug("%s%s went away: %s", self.label, client_address[0], sys.exc_info()[1])
         else:
             logger.exception("%sbug while serving %s", self.label, client_address[0])
+
+    def stop(self, seconds: float) -> bool:
+        """Refuse new connections, give the requests being answered up to seconds to finish,
+        then close the app; whether they all finished."""
+        self.server_close()
+        finished = self.finish_requests(seconds)
+        self.app.close()
+        return finished
 
     def finish_requests(self, seconds: float) -> bool:
         """Wait for the requests being answered, up to seconds; whether they all finished.
@@ -1124,7 +1279,7 @@ def make_server(config: Config, *, host: str = "127.0.0.1", port: int = 3000,
                     max_connections=max_connections)
     server.app = app = OAuthDemo(
         replace(config, base_url=config.base_url or server.origin),
-        opener=opener or urllib.request.build_opener(),
+        opener=opener or new_opener(),
         store=store or Store(), logins=logins or PendingLogins(), notice=notice)
     return server, app
 
@@ -1177,6 +1332,15 @@ def check_upstream_url(name: str, url: str) -> None:
         return
     raise ConfigError(f"{name}={url!r} must use https:// "
                       "(plain http:// is allowed only for 127.0.0.1, ::1 or localhost)")
+
+
+def is_ip_address(host: str) -> bool:
+    """True for an IPv4 or IPv6 address, as opposed to a name."""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def is_loopback(host: str) -> bool:
@@ -1288,15 +1452,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] = os.envi
     """Run the demo until Ctrl+C; exit status 2 for a setting that is missing or unsafe."""
     args = parse_args(argv)
     try:
-        if not is_loopback(args.host) and not args.base_url:
-            raise ConfigError(f"--host {args.host} is reachable from other machines, so it "
-                              "needs --base-url https://...: the address browsers use")
-        store = Store(args.store) if args.store else Store()
-        if SANDBOX and args.sandbox:
-            server, app = SANDBOX(args, store)
-        else:
-            config = config_from_env(environ, base_url=args.base_url, timeout=args.timeout)
-            server, app = make_server(config, host=args.host, port=args.port, store=store)
+        server, app = start(args, environ)
     except (ConfigError, StoreError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -1311,7 +1467,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] = os.envi
           + ("  redirect URI (stand-in):   " if app.notice else "  redirect URI to register:  ")
           + f"{app.config.redirect_uri}\n"
           f"  Mailchimp login server:    {app.config.login_url}\n"
-          f"  connections kept in:       {store.where}", flush=True)
+          f"  connections kept in:       {app.store.where}", flush=True)
     if app.notice:
         print(app.notice, flush=True)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
@@ -1321,12 +1477,28 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] = os.envi
     try:
         server.serve_forever()
     except KeyboardInterrupt:
-        server.server_close()  # no new connections; the requests being answered finish
         print("stopping: finishing the requests being answered", flush=True)
-        if not server.finish_requests(STOP_SECONDS):
+        if not server.stop(STOP_SECONDS):
             print(f"requests still unanswered after {STOP_SECONDS:g} s were dropped")
         print("stopped", flush=True)
     return 0
+
+
+def start(args: argparse.Namespace, environ: Mapping[str, str]) -> tuple[Server, OAuthDemo]:
+    """The store, then the server and app the options ask for (the store closed again if
+    they can't be had)."""
+    if not is_loopback(args.host) and not args.base_url:
+        raise ConfigError(f"--host {args.host} is reachable from other machines, so it "
+                          "needs --base-url https://...: the address browsers use")
+    store = Store(args.store) if args.store else Store()
+    try:
+        if SANDBOX and args.sandbox:
+            return SANDBOX(args, store)
+        config = config_from_env(environ, base_url=args.base_url, timeout=args.timeout)
+        return make_server(config, host=args.host, port=args.port, store=store)
+    except BaseException:
+        store.close()
+        raise
 
 
 # ---------------------------------------------------------------------------
@@ -1373,22 +1545,23 @@ class Store:
         self._lock = threading.Lock()  # one database connection, shared by request threads
         if self.path != ":memory:":
             claim_file(self.path)
-        try:  # busy_timeout: how long to wait while another process writes
-            self._db = sqlite3.connect(self.path, timeout=busy_timeout, isolation_level=None,
-                                       check_same_thread=False)
-            self._open()
+        # busy_timeout: how long to wait while another process writes
+        self._db = sqlite3.connect(self.path, timeout=busy_timeout, isolation_level=None,
+                                   check_same_thread=False)
+        try:
+            self._open(busy_timeout)
         except sqlite3.Error as err:
+            self._db.close()
             raise StoreError(f"{self.path} is not a store this app can use ({err}); it was "
                              "left as it is: move it aside or choose another --store") from err
 
-    def _open(self) -> None:
-        """Refuse a file that is not this app's store before writing anything; then take the
-        write lock (an unwritable store fails now, not at a login), set up and tidy."""
+    def _open(self, busy_timeout: float) -> None:
+        """Take the write lock (an unwritable store fails now, not at a login); under it,
+        refuse a file that is not this app's store, or set up a new one; tidy; then WAL."""
         self._db.execute("PRAGMA quick_check").fetchall()  # a damaged or truncated file fails
-        self._is_new()
-        self._db.execute("BEGIN IMMEDIATE")
+        self._db.execute("BEGIN IMMEDIATE")  # one process at a time sets up a new file
         try:
-            if self._is_new():  # asked again under the lock: another process may have begun
+            if self._is_new():
                 for statement in SCHEMA:
                     self._db.execute(statement)
             self._db.execute("DELETE FROM connections WHERE last_used < ?", (self._oldest(),))
@@ -1396,7 +1569,20 @@ class Store:
         except BaseException:
             self._db.execute("ROLLBACK")
             raise
-        self._db.execute("PRAGMA journal_mode = WAL")  # readers don't wait for a writer
+        deadline = time.monotonic() + busy_timeout
+        while True:  # readers don't wait for a writer. Switching needs the file to itself, and
+            try:  # SQLite refuses at once, not after busy_timeout, if another process is mid-way
+                self._db.execute("PRAGMA journal_mode = WAL")
+                return
+            except sqlite3.OperationalError as err:
+                if "locked" not in str(err) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01)
+
+    def close(self) -> None:
+        """Let go of the database (the server's close and main call this)."""
+        with self._lock:
+            self._db.close()
 
     def _is_new(self) -> bool:
         """True for an empty database, False for this app's; anything else is refused."""
@@ -1458,17 +1644,43 @@ class Store:
 
 
 def claim_file(path: str) -> None:
-    """Create the store file readable by its owner only (SQLite gives its journal the same
-    mode), or refuse an existing one that others can read: it holds access tokens."""
+    """Create the store file readable by its owner only (SQLite gives its -wal and -shm the
+    same mode), or check an existing one: it holds access tokens, so refuse it, or a -wal or
+    -shm beside it, if another user owns it or can read it. An empty file of our own (as
+    `touch` makes) holds nothing yet: take it. A symbolic link is refused: what is checked
+    must be what SQLite opens."""
+    if os.path.islink(path):
+        raise StoreError(f"{path} is a symbolic link: give --store the file it points to")
     try:
-        handle = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-        mode = os.fstat(handle).st_mode
-        os.close(handle)
+        handle = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o600)
+        try:
+            info = os.fstat(handle)
+            if os.name == "posix" and info.st_size == 0 and info.st_uid == os.geteuid():
+                os.fchmod(handle, 0o600)
+                info = os.fstat(handle)
+        finally:
+            os.close(handle)
+        beside = [(name, os.lstat(name)) for name in (path + "-wal", path + "-shm")
+                  if os.path.lexists(name)]
     except OSError as err:
         raise StoreError(f"cannot open {path}: {err.strerror}") from err
-    if os.name == "posix" and mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise StoreError(f"{path} holds access tokens but other users can read it: "
-                         f"run chmod 600 {path}")
+    for problem in [exposure(path, info), *(exposure(name, i) for name, i in beside)]:
+        if problem:
+            raise StoreError(f"{problem}; it was left as it is")
+
+
+def exposure(path: str, info: os.stat_result) -> str:
+    """How another user could read or change the file at path, or "" if only its owner can."""
+    if os.name != "posix":
+        return ""  # on Windows, a file in the user's own folders is theirs alone
+    if not stat.S_ISREG(info.st_mode):
+        return f"{path} holds access tokens, but it is not a regular file"
+    if info.st_uid != os.geteuid():
+        return f"{path} holds access tokens, but another user owns it"
+    if info.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        return (f"{path} holds access tokens, but other users can read or write it: "
+                f"run chmod 600 {path}")
+    return ""
 
 
 # Sandbox: a stand-in for Mailchimp, for --sandbox
@@ -1516,6 +1728,9 @@ class Sandbox:
             "/oauth2/metadata": {"GET": self.metadata},
             f"/{SANDBOX_PREFIX}/3.0/ping": {"GET": self.ping},
         }
+
+    def close(self) -> None:
+        """Nothing to let go of: codes and tokens live in memory."""
 
     def environ(self) -> dict[str, str]:
         """The settings that point the app here, exactly as a user would set them."""
@@ -1665,7 +1880,7 @@ def sandboxed(sandbox: Sandbox, args: argparse.Namespace,
               store: Store | None = None) -> tuple[Server, OAuthDemo]:
     """--sandbox: the app, pointed at the stand-in just as a user would point it anywhere."""
     config = config_from_env(sandbox.environ(), base_url=args.base_url, timeout=args.timeout)
-    no_proxy = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # stay on loopback
+    no_proxy = new_opener(urllib.request.ProxyHandler({}))  # stay on loopback
     server, app = make_server(config, host=args.host, port=args.port, opener=no_proxy,
                               store=store, notice=SANDBOX_NOTICE)
     sandbox.redirect_uri = app.config.redirect_uri  # as registering the app with Mailchimp

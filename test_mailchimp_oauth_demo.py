@@ -13,6 +13,7 @@ import importlib.util
 import io
 import json
 import logging
+import math
 import os
 import pathlib
 import re
@@ -20,6 +21,7 @@ import select
 import signal
 import socket
 import sqlite3
+import stat
 import struct
 import subprocess
 import sys
@@ -301,6 +303,104 @@ def test_an_oversized_reply_is_refused(mailchimp: FakeMailchimp) -> None:
     assert err.status == HTTPStatus.BAD_GATEWAY and "oversized" in err.message
 
 
+class EndlessReply:
+    """A 200 whose body never ends, counting what is read of it (and failing past 1 MB, so
+    that a reader with no bound fails the test rather than hanging it)."""
+
+    status = 200
+
+    def __init__(self) -> None:
+        self.taken = 0
+
+    def read1(self, size: int) -> bytes:
+        self.taken += size
+        assert self.taken < 1_000_000, "read without a bound"
+        return b" " * size
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_reply_is_read_up_to_the_cap_and_no_further() -> None:
+    reply = EndlessReply()
+
+    class Opener:
+        def open(self, request: urllib.request.Request, /, *, timeout: float) -> EndlessReply:
+            return reply
+
+    err = flow_error(demo.exchange_code, Opener(), CONFIG, CODE)
+    assert "oversized" in err.message and reply.taken == demo.MAX_REPLY_BYTES + 1
+
+
+class RawUpstream:
+    """A server on 127.0.0.1 that answers each request by running answer(socket), and counts
+    the requests: for replies that no well-behaved server, ours included, would send."""
+
+    def __init__(self, answer: Callable[[socket.socket], None]) -> None:
+        self.answer, self.requests, self.stopping = answer, 0, False
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.thread = threading.Thread(target=self.serve, daemon=True)
+
+    def serve(self) -> None:
+        while True:
+            sock, _ = self.listener.accept()
+            with sock:
+                if self.stopping:
+                    return
+                request = sock.makefile("rb")
+                while request.readline() not in (b"\r\n", b""):  # the head; GETs and tiny forms
+                    pass
+                self.requests += 1
+                with contextlib.suppress(OSError):  # the app may hang up mid-answer
+                    self.answer(sock)
+
+    def __enter__(self) -> RawUpstream:  # noqa: PYI034 -- typing.Self is Python 3.11+
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stopping = True
+        socket.create_connection(self.listener.getsockname()).close()  # wakes accept()
+        self.thread.join()
+        self.listener.close()
+
+
+NO_PROXY = urllib.request.ProxyHandler({})  # the suite ignores http_proxy: all is on loopback
+
+
+@pytest.mark.parametrize("location", ["ftp://evil.example/token", "http://[::1/x", "/again"])
+def test_a_redirect_from_mailchimp_is_a_502_and_is_not_followed(location: str) -> None:
+    def redirect(sock: socket.socket) -> None:
+        sock.sendall(f"HTTP/1.1 302 Found\r\nLocation: {location}\r\n"
+                     "Content-Length: 0\r\n\r\n".encode())
+
+    with RawUpstream(redirect) as upstream:
+        config = replace(CONFIG, login_url=upstream.url)
+        err = flow_error(demo.exchange_code, demo.new_opener(NO_PROXY), config, CODE)
+    assert (err.status, err.mailchimp_status) == (HTTPStatus.BAD_GATEWAY, 302)
+    assert "302" in err.message and "not followed" in err.message and upstream.requests == 1
+
+
+def test_a_reply_trickling_in_is_cut_off_at_the_timeout_with_a_504() -> None:
+    body = json.dumps({"access_token": TOKEN, "padding": "x" * 60}).encode()  # 100 bytes
+    sent = []
+
+    def trickle(sock: socket.socket) -> None:
+        sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n" % len(body))
+        for byte in body:  # a byte every 20 ms: 2 s in all, each wait far below the timeout
+            sock.sendall(bytes([byte]))
+            sent.append(byte)
+            time.sleep(0.02)
+
+    with RawUpstream(trickle) as upstream:
+        config = replace(CONFIG, login_url=upstream.url, timeout=0.3)
+        err = flow_error(demo.exchange_code, demo.new_opener(NO_PROXY), config, CODE)
+    assert (err.status, err.step) == (HTTPStatus.GATEWAY_TIMEOUT, demo.STEP_TOKEN)
+    assert len(sent) < len(body)  # the app hung up before the reply was complete
+
+
 # ---------------------------------------------------------------------------
 # Logins in progress
 # ---------------------------------------------------------------------------
@@ -370,23 +470,40 @@ CONNECTION = demo.Connection(TOKEN, "us19", "Freddie's Jokes", "2026-11-29 08:00
 DAY = 24 * 3600.0
 
 
+@pytest.fixture
+def open_store() -> Iterator[Callable[..., demo.Store]]:
+    """demo.Store(path, ...) for a test, closed when it ends."""
+    opened: list[demo.Store] = []
+
+    def open_(path: Any = ":memory:", **options: Any) -> demo.Store:
+        opened.append(demo.Store(str(path), **options))
+        return opened[-1]
+
+    yield open_
+    for store in opened:
+        store.close()
+
+
 def test_a_connection_never_shows_its_token_in_its_repr() -> None:
     assert TOKEN not in repr(CONNECTION)
 
 
 @pytest.mark.parametrize("where", ["memory", "file"])
-def test_a_store_saves_loads_and_deletes(where: str, tmp_path: Any) -> None:
-    store = demo.Store(str(tmp_path / "s.db")) if where == "file" else demo.Store()
+def test_a_store_saves_loads_and_deletes(where: str, tmp_path: Any,
+                                         open_store: Callable[..., demo.Store]) -> None:
+    store = open_store(tmp_path / "s.db") if where == "file" else open_store()
     store.save(SESSION_A, CONNECTION)
     assert store.load(SESSION_A) == CONNECTION and store.load(SESSION_B) is None
     store.delete(SESSION_A)
     assert store.load(SESSION_A) is None
 
 
-def test_a_file_store_survives_a_restart(tmp_path: Any) -> None:
-    path = str(tmp_path / "store.db")
-    demo.Store(path).save(SESSION_A, CONNECTION)
-    assert demo.Store(path).load(SESSION_A) == CONNECTION
+def test_a_file_store_survives_a_restart(tmp_path: Any,
+                                         open_store: Callable[..., demo.Store]) -> None:
+    path = tmp_path / "store.db"
+    with contextlib.closing(demo.Store(str(path))) as first_run:
+        first_run.save(SESSION_A, CONNECTION)
+    assert open_store(path).load(SESSION_A) == CONNECTION
 
 
 def rows(path: Any) -> list[tuple[Any, ...]]:
@@ -395,23 +512,25 @@ def rows(path: Any) -> list[tuple[Any, ...]]:
         return db.execute("SELECT session, server_prefix FROM connections").fetchall()
 
 
-def test_a_file_store_is_one_table_anyone_can_read_with_sqlite3(tmp_path: Any) -> None:
+def test_a_file_store_is_one_table_anyone_can_read_with_sqlite3(
+        tmp_path: Any, open_store: Callable[..., demo.Store]) -> None:
     path = tmp_path / "store.db"
-    demo.Store(str(path)).save(SESSION_A, CONNECTION)
+    open_store(path).save(SESSION_A, CONNECTION)
     assert rows(path) == [(SESSION_A, "us19")]
 
 
 @pytest.mark.skipif(os.name != "posix", reason="file modes are POSIX")
-def test_a_file_store_and_its_journal_are_readable_by_their_owner_only(tmp_path: Any) -> None:
-    store = demo.Store(str(tmp_path / "store.db"))
-    store.save(SESSION_A, CONNECTION)
+def test_a_file_store_and_its_journal_are_readable_by_their_owner_only(
+        tmp_path: Any, open_store: Callable[..., demo.Store]) -> None:
+    open_store(tmp_path / "store.db").save(SESSION_A, CONNECTION)
     modes = {entry.name: entry.stat().st_mode & 0o777 for entry in tmp_path.iterdir()}
     assert "store.db-wal" in modes and set(modes.values()) == {0o600}
 
 
-def test_two_processes_sharing_a_store_keep_all_their_logins(tmp_path: Any) -> None:
-    path = str(tmp_path / "store.db")
-    first, second = demo.Store(path), demo.Store(path)  # two connections, as two processes
+def test_two_processes_sharing_a_store_keep_all_their_logins(
+        tmp_path: Any, open_store: Callable[..., demo.Store]) -> None:
+    path = tmp_path / "store.db"
+    first, second = open_store(path), open_store(path)  # two connections, as two processes
     sessions = [f"{n:043d}" for n in range(40)]
     threads = [threading.Thread(target=(first, second)[n % 2].save, args=(session, CONNECTION))
                for n, session in enumerate(sessions)]
@@ -422,8 +541,31 @@ def test_two_processes_sharing_a_store_keep_all_their_logins(tmp_path: Any) -> N
     assert sorted(session for session, _ in rows(path)) == sessions
 
 
-def test_a_ping_is_recorded_only_while_the_connection_is_there() -> None:
-    store = demo.Store()
+def test_two_processes_opening_a_new_store_together_both_start(tmp_path: Any) -> None:
+    failures: list[BaseException] = []
+
+    def open_and_close(path: str, start: threading.Barrier) -> None:
+        start.wait()
+        try:
+            demo.Store(path).close()
+        except demo.StoreError as err:  # "another program's database", "database is locked"
+            failures.append(err)
+
+    for pair in range(40):  # SQLite locks connections in one process as it locks processes
+        start = threading.Barrier(2)
+        path = str(tmp_path / f"new-{pair}.db")
+        openers = [threading.Thread(target=open_and_close, args=(path, start))
+                   for _ in range(2)]
+        for opener in openers:
+            opener.start()
+        for opener in openers:
+            opener.join()
+    assert failures == []
+
+
+def test_a_ping_is_recorded_only_while_the_connection_is_there(
+        open_store: Callable[..., demo.Store]) -> None:
+    store = open_store()
     store.save(SESSION_A, CONNECTION)
     assert store.record_ping(SESSION_A, "2026-11-30 09:00:00 UTC", "Still Chimpy")
     assert store.load(SESSION_A) == replace(CONNECTION, pinged_at="2026-11-30 09:00:00 UTC",
@@ -433,16 +575,28 @@ def test_a_ping_is_recorded_only_while_the_connection_is_there() -> None:
     assert store.load(SESSION_A) is None  # a late ping does not bring a Disconnect back
 
 
-def test_a_connection_unused_for_its_lifetime_expires(tmp_path: Any, clock: Clock) -> None:
+def test_a_connection_unused_for_its_lifetime_expires(
+        tmp_path: Any, clock: Clock, open_store: Callable[..., demo.Store]) -> None:
     path = tmp_path / "store.db"
-    store = demo.Store(str(path), clock=clock)
+    store = open_store(path, clock=clock)
     store.save(SESSION_A, CONNECTION)
     store.save(SESSION_B, CONNECTION)
     clock.now += 29 * DAY
     store.record_ping(SESSION_B, "later", "Chimpy")  # using a connection keeps it
     clock.now += 2 * DAY
     assert store.load(SESSION_A) is None and store.load(SESSION_B) is not None
-    demo.Store(str(path), clock=clock)  # start-up deletes what has expired
+    assert len(rows(path)) == 2  # expired, but still in the file
+    open_store(path, clock=clock)  # start-up deletes what has expired
+    assert [session for session, _ in rows(path)] == [SESSION_B]
+
+
+def test_expired_connections_leave_the_file_when_a_new_one_is_saved(
+        tmp_path: Any, clock: Clock, open_store: Callable[..., demo.Store]) -> None:
+    path = tmp_path / "store.db"
+    store = open_store(path, clock=clock)
+    store.save(SESSION_A, CONNECTION)
+    clock.now += 31 * DAY
+    store.save(SESSION_B, CONNECTION)  # a login, long after: no restart needed
     assert [session for session, _ in rows(path)] == [SESSION_B]
 
 
@@ -458,26 +612,40 @@ def other_schema(path: Any) -> None:
 
 
 def newer_version(path: Any) -> None:
-    demo.Store(str(path)).save(SESSION_A, CONNECTION)
+    with contextlib.closing(demo.Store(str(path))) as store:
+        store.save(SESSION_A, CONNECTION)
     with contextlib.closing(sqlite3.connect(path)) as db:
         db.execute("PRAGMA user_version = 2")
 
 
-def truncated(path: Any) -> None:
-    store = demo.Store(str(path))
-    for n in range(300):
-        store.save(f"{n:043d}", CONNECTION)
-    del store
+def filled(path: Any) -> None:
+    """A store of 300 connections, all of them in the file itself (none in a -wal)."""
+    with contextlib.closing(demo.Store(str(path))) as store:
+        for n in range(300):
+            store.save(f"{n:043d}", CONNECTION)
     with contextlib.closing(sqlite3.connect(path)) as db:
         db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+
+def truncated(path: Any) -> None:
+    filled(path)
     path.write_bytes(path.read_bytes()[:20_000])
+
+
+def damaged(path: Any) -> None:
+    """A page in the middle overwritten, the header whole: only a check of the pages
+    themselves (quick_check) finds it before a request does."""
+    filled(path)
+    data = bytearray(path.read_bytes())
+    data[10 * 4096:10 * 4096 + 200] = b"\xff" * 200  # the 11th of 24 pages of 4 KiB
+    path.write_bytes(bytes(data))
 
 
 @pytest.mark.parametrize("make", [
     lambda path: path.write_bytes(b"not a database, just some text\n" * 10),
     lambda path: path.write_bytes(b'{"version": 1, "connections": {}}'),  # the old JSON store
-    truncated, other_schema, newer_version,
-], ids=["garbage", "json-store", "truncated", "other-schema", "newer-version"])
+    truncated, damaged, other_schema, newer_version,
+], ids=["garbage", "json-store", "truncated", "damaged", "other-schema", "newer-version"])
 def test_a_file_that_is_not_this_apps_store_is_refused_and_left_untouched(
         tmp_path: Any, make: Any) -> None:
     path = tmp_path / "store.db"
@@ -490,14 +658,49 @@ def test_a_file_that_is_not_this_apps_store_is_refused_and_left_untouched(
 
 
 @pytest.mark.skipif(os.name != "posix", reason="file modes are POSIX")
-def test_a_store_others_can_read_is_refused_and_left_untouched(tmp_path: Any) -> None:
-    path = tmp_path / "store.db"
-    demo.Store(str(path)).save(SESSION_A, CONNECTION)
-    path.chmod(0o644)
-    before = path.read_bytes()
-    with pytest.raises(demo.StoreError, match="chmod 600"):
-        demo.Store(str(path))
-    assert path.read_bytes() == before and path.stat().st_mode & 0o777 == 0o644
+@pytest.mark.parametrize("name", ["store.db", "store.db-wal", "store.db-shm"])
+def test_a_store_file_others_can_read_is_refused_and_left_untouched(
+        tmp_path: Any, name: str) -> None:
+    with contextlib.closing(demo.Store(str(tmp_path / "store.db"))) as store:
+        store.save(SESSION_A, CONNECTION)
+    exposed = tmp_path / name
+    exposed.write_bytes(exposed.read_bytes() if exposed.exists() else b"")  # as another user's
+    exposed.chmod(0o666)  # program may leave a -wal or -shm beside a store in /tmp
+    before = {entry.name: entry.read_bytes() for entry in tmp_path.iterdir()}
+    with pytest.raises(demo.StoreError, match=f"{name} holds access tokens.*chmod 600"):
+        demo.Store(str(tmp_path / "store.db"))
+    assert {entry.name: entry.read_bytes() for entry in tmp_path.iterdir()} == before
+    assert exposed.stat().st_mode & 0o777 == 0o666
+
+
+@pytest.mark.skipif(os.name != "posix", reason="file owners are POSIX")
+@pytest.mark.parametrize("owner, mode, says", [
+    (0, 0o600, ""), (0, 0o640, "other users can read"), (0, 0o602, "other users can read"),
+    (1, 0o600, "another user owns it"), (1, 0o644, "another user owns it"),
+])
+def test_a_file_is_the_users_alone_only_if_they_own_it_and_no_one_else_may_touch_it(
+        owner: int, mode: int, says: str) -> None:
+    uid = os.geteuid() + owner  # 1: someone else
+    info = os.stat_result((stat.S_IFREG | mode, 0, 0, 1, uid, 0, 4096, 0, 0, 0))
+    problem = demo.exposure("/tmp/store.db", info)
+    assert (says in problem and problem != "") if says else problem == ""
+
+
+@pytest.mark.skipif(os.name != "posix", reason="file modes are POSIX")
+def test_an_empty_store_file_of_ours_is_taken_and_made_ours_alone(
+        tmp_path: Any, open_store: Callable[..., demo.Store]) -> None:
+    path = tmp_path / "connections.db"
+    path.touch(0o644)  # as `touch`, or sqlite3.connect() before the app ever ran
+    open_store(path).save(SESSION_A, CONNECTION)
+    assert path.stat().st_mode & 0o777 == 0o600 and rows(path) == [(SESSION_A, "us19")]
+
+
+@pytest.mark.skipif(os.name != "posix", reason="symbolic links need POSIX here")
+def test_a_store_path_that_is_a_symbolic_link_is_refused(tmp_path: Any) -> None:
+    (tmp_path / "elsewhere.db").symlink_to(tmp_path / "real.db")
+    with pytest.raises(demo.StoreError, match="symbolic link"):
+        demo.Store(str(tmp_path / "elsewhere.db"))
+    assert not (tmp_path / "real.db").exists()
 
 
 def test_a_store_path_that_is_not_a_file_is_refused(tmp_path: Any) -> None:
@@ -505,39 +708,30 @@ def test_a_store_path_that_is_not_a_file_is_refused(tmp_path: Any) -> None:
         demo.Store(str(tmp_path))
 
 
-@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0,
-                    reason="file modes are POSIX, and root may write anything")
-def test_a_store_that_cannot_be_written_stops_start_up(tmp_path: Any) -> None:
-    path = tmp_path / "store.db"
-    demo.Store(str(path)).save(SESSION_A, CONNECTION)
-    path.chmod(0o400)
-    with pytest.raises(demo.StoreError):
-        demo.Store(str(path))
-
-
 @contextlib.contextmanager
 def locked(path: Any) -> Iterator[None]:
     """Another process holding the store's write lock."""
     with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as db:
-        db.execute("BEGIN EXCLUSIVE")
+        db.execute("BEGIN IMMEDIATE")
         yield
         db.execute("ROLLBACK")
 
 
 def test_a_store_locked_by_another_process_stops_start_up_after_the_busy_timeout(
-        tmp_path: Any) -> None:
+        tmp_path: Any, open_store: Callable[..., demo.Store]) -> None:
     path = tmp_path / "store.db"
-    demo.Store(str(path)).save(SESSION_A, CONNECTION)
+    open_store(path).save(SESSION_A, CONNECTION)
     with locked(path), pytest.raises(demo.StoreError, match="locked"):
         demo.Store(str(path), busy_timeout=0.05)
-    assert demo.Store(str(path)).load(SESSION_A) == CONNECTION
+    assert open_store(path).load(SESSION_A) == CONNECTION
 
 
 @pytest.mark.parametrize("column, value", [("server_prefix", "evil.example/x#"),
                                            ("access_token", "a b\r\nc"), ("account_name", b"\x00")])
-def test_a_tampered_row_is_refused_not_used(tmp_path: Any, column: str, value: Any) -> None:
+def test_a_tampered_row_is_refused_not_used(tmp_path: Any, column: str, value: Any,
+                                            open_store: Callable[..., demo.Store]) -> None:
     path = tmp_path / "store.db"
-    store = demo.Store(str(path))
+    store = open_store(path)
     store.save(SESSION_A, CONNECTION)
     with contextlib.closing(sqlite3.connect(path)) as db:
         db.execute(f"UPDATE connections SET {column} = ?", (value,))
@@ -687,7 +881,7 @@ def serving(server: demo.Server) -> Iterator[demo.Server]:
         yield server
     finally:
         server.shutdown()
-        server.server_close()
+        server.stop(5)
         thread.join()
 
 
@@ -900,6 +1094,20 @@ def test_the_buttons_pressed_on_another_site_change_nothing(
     assert page.status == HTTPStatus.FORBIDDEN and "another site" in page.text
     assert "Connected to Mailchimp" in browser.get("/").text
     assert len(mailchimp.sent) == sent  # and nothing went to Mailchimp
+
+
+@pytest.mark.parametrize("origin, fetch_site", [
+    ("http://127.0.0.1:3000", "cross-site"),  # Sec-Fetch-Site alone says no ...
+    ("", "same-site"),  # ... and here too, where no Origin came
+    ("http://127.0.0.1:3001", ""),  # Origin alone says no
+    ("null", "same-origin"),
+])
+def test_each_half_of_the_same_origin_check_refuses_on_its_own(
+        open_store: Callable[..., demo.Store], origin: str, fetch_site: str) -> None:
+    app = demo.OAuthDemo(CONFIG, opener=FakeMailchimp(), store=open_store(),
+                         logins=demo.PendingLogins())
+    visit = demo.Visit("/ping", origin=origin, fetch_site=fetch_site)
+    assert flow_error(app.check_same_origin, visit, "ping again").status == HTTPStatus.FORBIDDEN
 
 
 @pytest.mark.parametrize("action", ["/ping", "/disconnect"])
@@ -1245,10 +1453,15 @@ def test_unknown_path_is_404(browser: Browser) -> None:
     assert browser.get("/admin").status == HTTPStatus.NOT_FOUND
 
 
-def test_head_answers_like_get_without_a_body(browser: Browser) -> None:
-    get, head = browser.get("/"), browser.request("HEAD", "/")
-    assert head.status == HTTPStatus.OK and head.text == ""
-    assert head.headers["Content-Length"] == get.headers["Content-Length"]
+def test_head_answers_like_get_without_a_body(browser: Browser, server: demo.Server) -> None:
+    get = browser.get("/")
+    with socket.create_connection(("127.0.0.1", server.server_port), timeout=10) as sock:
+        sock.sendall(with_port(b"HEAD / HTTP/1.1\r\n" + AS_CURL + b"\r\n" + GET,
+                               server.server_port))  # the GET right behind it
+        head = read_head(sock)
+        assert head.startswith(b"HTTP/1.1 200 ")
+        assert f"Content-Length: {get.headers['Content-Length']}\r\n".encode() in head
+        assert read_head(sock).startswith(b"HTTP/1.1 200 ")  # no body came between the two
 
 
 def test_head_neither_starts_nor_finishes_a_login(browser: Browser,
@@ -1264,9 +1477,10 @@ def test_head_neither_starts_nor_finishes_a_login(browser: Browser,
 
 def test_expect_100_continue_is_answered_before_the_body_is_sent(server: demo.Server) -> None:
     with socket.create_connection(("127.0.0.1", server.server_port), timeout=10) as sock:
-        sock.sendall(b"POST /disconnect HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
-                     b"Content-Type: application/x-www-form-urlencoded\r\n"
-                     b"Content-Length: 3\r\n\r\n")
+        sock.sendall(with_port(b"POST /disconnect HTTP/1.1\r\nHost: 127.0.0.1:PORT\r\n"
+                               b"Expect: 100-continue\r\n"
+                               b"Content-Type: application/x-www-form-urlencoded\r\n"
+                               b"Content-Length: 3\r\n\r\n", server.server_port))
         assert sock.recv(25) == b"HTTP/1.1 100 Continue\r\n\r\n"  # before any body
         sock.sendall(b"a=1")
         assert sock.recv(65536).startswith(b"HTTP/1.1 200 ")
@@ -1283,11 +1497,52 @@ def test_another_loopback_name_is_sent_to_the_base_url_before_the_login_starts(
 
 
 @pytest.mark.parametrize("host", ["127.0.0.1:{port}", "localhost:1", "localhost",
-                                  "evil.example:{port}", "localhost:x", "", "[::1"])
-def test_any_other_host_is_answered_where_it_is_never_redirected(
+                                  "10.0.0.7:{port}", "[::1]:1"])
+def test_an_address_or_localhost_on_another_port_is_served_where_it_is(
         browser: Browser, server: demo.Server, host: str) -> None:
-    page = browser.get("/", Host=host.format(port=server.server_port))
+    page = browser.get("/", Host=host.format(port=server.server_port))  # as a proxy may send
     assert page.status == HTTPStatus.OK and "Location" not in page.headers
+
+
+@pytest.mark.parametrize("host", ["evil.example:{port}", "127.0.0.1.nip.io:{port}",
+                                  "EVIL.example"])
+def test_a_name_that_is_not_the_apps_gets_421_and_no_login(
+        browser: Browser, server: demo.Server, host: str) -> None:
+    for path in ("/", "/auth/mailchimp"):  # DNS rebinding: the attacker's name, our address
+        page = browser.get(path, Host=host.format(port=server.server_port))
+        assert page.status == HTTPStatus.MISDIRECTED_REQUEST
+        assert "Set-Cookie" not in page.headers and "Location" not in page.headers
+    assert browser.get("/").status == HTTPStatus.OK
+
+
+def test_the_base_urls_own_name_is_served(mailchimp: FakeMailchimp) -> None:
+    config = demo.Config(CLIENT_ID, CLIENT_SECRET, base_url="https://demo.example")
+    server, _ = demo.make_server(config, port=0, opener=mailchimp)
+    with serving(server):
+        browser = Browser(server.server_port)
+        assert browser.get("/", Host="Demo.Example").status == HTTPStatus.OK
+        assert browser.get("/", Host="other.example").status == HTTPStatus.MISDIRECTED_REQUEST
+
+
+@pytest.mark.parametrize("head", [
+    b"GET / HTTP/1.1\r\n\r\n",  # no Host
+    b"GET / HTTP/1.1\r\nHost: 127.0.0.1:PORT\r\nHost: evil.example\r\n\r\n",  # which?
+    b"GET / HTTP/1.1\r\nHost: \r\n\r\n", b"GET / HTTP/1.1\r\nHost: localhost:x\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: [::1\r\n\r\n", b"GET / HTTP/1.1\r\nHost: a/b\r\n\r\n",
+])
+def test_a_missing_repeated_or_malformed_host_is_400(server: demo.Server, head: bytes) -> None:
+    answer = raw_exchange(server.server_port, head)
+    assert answer.startswith(b"HTTP/1.1 400 ") and answer.count(b"HTTP/1.1") == 1
+
+
+def test_http_1_0_may_leave_out_host_and_keep_its_connection_alive(server: demo.Server) -> None:
+    with socket.create_connection(("127.0.0.1", server.server_port), timeout=10) as sock:
+        for _ in range(2):  # the second request rides the same connection
+            sock.sendall(b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+            head = read_head(sock)
+            assert head.startswith(b"HTTP/1.1 200 ") and b"\r\nConnection: keep-alive" in head
+            length = int(re.search(rb"Content-Length: (\d+)", head)[1])  # type: ignore[index]
+            assert len(read_exactly(sock, length)) == length
 
 
 def test_behind_a_tls_proxy_no_host_is_redirected(mailchimp: FakeMailchimp) -> None:
@@ -1329,32 +1584,61 @@ def eventually(check: Callable[[], bool]) -> bool:
     return check()
 
 
+AS_CURL = b"Host: 127.0.0.1:PORT\r\n"  # what curl, like every HTTP/1.1 client, sends
+
+
+def with_port(data: bytes, port: int) -> bytes:
+    """Raw request bytes with PORT made the server's: "Host: 127.0.0.1:PORT", as curl sends."""
+    return data.replace(b"PORT", str(port).encode())
+
+
 def raw_exchange(port: int, data: bytes) -> bytes:
-    """Send raw bytes, say that's all, and read until the server closes (or 10 s pass)."""
+    """Send raw bytes, say that's all, and read until the server closes (or 10 s pass). A
+    server that answers and closes with some of them unread makes the kernel reset the
+    connection: sending or shutting down may then fail, but the answer can still be read."""
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-        sock.sendall(data)
-        sock.shutdown(socket.SHUT_WR)
+        with contextlib.suppress(ConnectionError):  # EPIPE, ECONNRESET: it stopped reading
+            sock.sendall(with_port(data, port))
+        with contextlib.suppress(OSError):  # ENOTCONN: it has reset already
+            sock.shutdown(socket.SHUT_WR)
         chunks = []
-        while chunk := sock.recv(65536):
-            chunks.append(chunk)
+        with contextlib.suppress(ConnectionResetError):  # after the answer
+            while chunk := sock.recv(65536):
+                chunks.append(chunk)
     return b"".join(chunks)
 
 
+def read_head(sock: socket.socket) -> bytes:
+    """An answer's status line and headers, read from a kept-alive connection."""
+    head = b""
+    while not head.endswith(b"\r\n\r\n"):
+        byte = sock.recv(1)
+        assert byte, f"closed after {head!r}"
+        head += byte
+    return head
+
+
+def read_exactly(sock: socket.socket, size: int) -> bytes:
+    data = b""
+    while len(data) < size and (chunk := sock.recv(size - len(data))):
+        data += chunk
+    return data
+
+
 @pytest.mark.parametrize("request_bytes", [
-    b"GET /oauth/mailchimp/callback?" + b"a" * 60_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
-    b"GET /oauth/mailchimp/callback?state=%ZZ%&code=%%% HTTP/1.1\r\nHost: x\r\n\r\n",
-    b"GET /oauth/mailchimp/callback?state=\xff\xfe&code=\xc3 HTTP/1.1\r\nHost: x\r\n\r\n",
-    b"GET /oauth/mailchimp/callback?state=a&state=b&code=c&code=d HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"GET /oauth/mailchimp/callback?" + b"a" * 60_000 + b" HTTP/1.1\r\n" + AS_CURL + b"\r\n",
+    b"GET /oauth/mailchimp/callback?state=%ZZ%&code=%%% HTTP/1.1\r\n" + AS_CURL + b"\r\n",
+    b"GET /oauth/mailchimp/callback?state=a&state=b&code=c&code=d HTTP/1.1\r\n" + AS_CURL
+    + b"\r\n",
     (b"GET /oauth/mailchimp/callback?code=x%0D%0ALocation:%20http://evil&state=a%0D%0A"
-     b" HTTP/1.1\r\nHost: x\r\n\r\n"),
+     b" HTTP/1.1\r\n" + AS_CURL + b"\r\n"),
     b"GET / HTTP/1.1\r\nCookie: " + demo.SESSION_COOKIE.encode() + b"=\r\nSet-Cookie: x\r\n\r\n",
     b"GET /" + b"x" * 70_000 + b" HTTP/1.1\r\n\r\n",
     b"GARBAGE\r\n\r\n",
     b"GET / HTTP/9.9\r\n\r\n",
-    b"GET / HTTP/1.1 extra words\r\n\r\n",
     b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(range(32)) + b"\r\n\r\n",
     b"GET / HTTP/1.1\r\n" + b"X-Header: y\r\n" * 120 + b"\r\n",
-    b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nGET /",
+    b"GET / HTTP/1.1\r\n" + AS_CURL + b"Content-Length: 5\r\n\r\nGET /",
 ])
 def test_hostile_requests_get_a_clean_answer_and_the_server_keeps_serving(
         browser: Browser, server: demo.Server, request_bytes: bytes) -> None:
@@ -1366,23 +1650,58 @@ def test_hostile_requests_get_a_clean_answer_and_the_server_keeps_serving(
     assert browser.get("/").status == HTTPStatus.OK
 
 
+@pytest.mark.parametrize("line", [
+    b"GET @evil.example/ HTTP/1.1",  # as Location, http://127.0.0.1:PORT@evil.example/
+    b"GET 1/ HTTP/1.1", b"GET http://evil.example/ HTTP/1.1", b"OPTIONS * HTTP/1.1",
+    b"GET /\x00 HTTP/1.1", b"GET /\x1b[2K HTTP/1.1", b"GET /caf\xc3\xa9 HTTP/1.1",
+    b"GET\xa0/ HTTP/1.1", b"GET /\x85HTTP/1.1", b"GET  / HTTP/1.1", b"GET / HTTP/1.1 extra",
+    b"GET\t/ HTTP/1.1", b"GET /", b"GET / HTTP/1.10",
+    b"X\x1b[2K\x1b[1G21:00:00 INFO step 4 (token exchange): ok / HTTP/1.1",  # a fake log line
+    b"GET /\r HTTP/1.1",  # a bare CR
+])
+def test_a_request_line_that_is_not_method_path_version_is_400(
+        server: demo.Server, log: pytest.LogCaptureFixture, line: bytes) -> None:
+    answer = raw_exchange(server.server_port, line + b"\r\nHost: localhost:PORT\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 400 ") and b"Location" not in answer
+    assert not [record for record in log.records if not record.getMessage().isprintable()]
+
+
 @pytest.mark.parametrize("headers, status", [
-    (b"Content-Length: 44\r\n", 200),  # read as this request's body
-    (b"Content-Length: 99999999\r\n", 200),  # too big to read: the connection closes instead
+    (b"Content-Length: LENGTH\r\n", 200),  # read as this request's body
+    (b"Content-Length: LENGTH \r\n", 200),  # RFC 9110 §5.5: the space is not part of the value
     (b"Transfer-Encoding: chunked\r\n", 400),
     (b"Content-Length: -1\r\n", 400),
-    (b"Content-Length: 0\r\nContent-Length: 44\r\n", 400),  # which one?
+    (b"Content-Length: 0\r\nContent-Length: LENGTH\r\n", 400),  # which one?
     (b"Content-Length : 44\r\n", 400),  # a space before the colon
-    (b"X-No-Colon\r\nContent-Length: 44\r\n", 400),  # the parser would stop at this line
+    (b"X-No-Colon\r\nContent-Length: LENGTH\r\n", 400),  # the parser would stop at this line
     (b"X-Folded: a\r\n b\r\n", 400),  # obsolete line folding
+    (b"\rContent-Length: LENGTH\r\n", 400),  # Python's parser ends the head at a bare CR
+    (b"X-A: 1\rContent-Length: LENGTH\r\n", 400),  # ... or starts a hidden header there
+    (b"Content-Length: 99999999\r\n", 413),  # too big to read: refused, the connection closed
 ])
 def test_a_request_body_is_never_read_as_the_next_request(server: demo.Server,
                                                           headers: bytes, status: int) -> None:
-    smuggled = (b"GET / HTTP/1.1\r\nHost: x\r\n" + headers + b"\r\n"
-                b"GET /auth/mailchimp HTTP/1.1\r\nHost: x\r\n\r\n")
-    answer = raw_exchange(server.server_port, smuggled)
+    second = with_port(b"GET /auth/mailchimp HTTP/1.1\r\n" + AS_CURL + b"\r\n",
+                       server.server_port)
+    headers = headers.replace(b"LENGTH", str(len(second)).encode())  # the second, as a body
+    answer = raw_exchange(server.server_port,
+                          b"GET / HTTP/1.1\r\n" + AS_CURL + headers + b"\r\n" + second)
     assert answer.startswith(f"HTTP/1.1 {status} ".encode())
     assert answer.count(b"HTTP/1.1 ") == 1 and b"302" not in answer
+
+
+def test_a_body_over_the_limit_is_refused_without_inviting_it(mailchimp: FakeMailchimp) -> None:
+    server, _ = demo.make_server(CONFIG, port=0, opener=mailchimp, request_timeout=30)
+    with serving(server), socket.create_connection(("127.0.0.1", server.server_port),
+                                                   timeout=5) as sock:
+        sock.sendall(with_port(b"POST /disconnect HTTP/1.1\r\n" + AS_CURL
+                               + b"Expect: 100-continue\r\nContent-Length: 1000000\r\n\r\n",
+                               server.server_port))
+        head = read_head(sock)
+        assert head.startswith(b"HTTP/1.1 413 ") and b"Connection: close" in head  # no 100
+        assert b"Set-Cookie" not in head  # the route (which would forget the session) never ran
+        while sock.recv(65536):  # the page, then the close, with the body never sent
+            pass
 
 
 def test_a_request_head_over_the_cap_gets_431(server: demo.Server) -> None:
@@ -1391,20 +1710,22 @@ def test_a_request_head_over_the_cap_gets_431(server: demo.Server) -> None:
     assert answer.startswith(b"HTTP/1.1 431 ") and b"Connection: close" in answer
 
 
-def test_reading_a_huge_head_stops_at_the_cap() -> None:
+@pytest.mark.parametrize("buffer_size", [io.DEFAULT_BUFFER_SIZE, 3000])  # 3000: unaligned
+def test_reading_a_huge_head_stops_at_the_cap(buffer_size: int) -> None:
     ours, theirs = socket.socketpair()
     with ours, theirs:
         flood = (b"X-Filler: " + b"a" * 1000 + b"\r\n") * 80  # 80 KB of headers, no end
         theirs.sendall(flood)
         stream = demo.RequestInput(ours, 10)
         stream.expect_request()
-        with pytest.raises(demo.HeadTooLarge):
-            http.client.parse_headers(io.BufferedReader(stream))
+        with pytest.raises(demo.BadHead) as refused:
+            http.client.parse_headers(demo.RequestReader(stream, buffer_size))
         ours.setblocking(False)
         left = b""
         with contextlib.suppress(BlockingIOError):
             while chunk := ours.recv(65536):
                 left += chunk
+    assert refused.value.status == HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE
     assert len(flood) - len(left) == demo.MAX_HEAD_BYTES  # read up to the cap, not a byte more
 
 
@@ -1421,27 +1742,27 @@ def test_a_client_trickling_its_head_is_cut_off_at_the_deadline(
 
 
 def test_one_kept_alive_connection_carries_every_kind_of_response(server: demo.Server) -> None:
-    connection = http.client.HTTPConnection("127.0.0.1", server.server_port, timeout=10)
-    statuses, bodies, sockets = [], [], set()
-    for method, target, body in [
-            ("GET", "/", None), ("HEAD", "/", None), ("GET", "/auth/mailchimp", None),
-            ("GET", "/nowhere", None), ("POST", "/", b"a=1"),
-            ("GET", f"{demo.CALLBACK_PATH}?state=x", None), ("GET", "/", None)]:
-        connection.request(method, target, body=body)
-        response = connection.getresponse()
-        statuses.append(response.status)
-        bodies.append(response.read())  # a wrong Content-Length would garble the next one
-        sockets.add(connection.sock)
-        assert not response.will_close, f"{method} {target} closed the connection"
-    connection.close()
+    requests = [b"GET / HTTP/1.1", b"HEAD / HTTP/1.1", b"GET /auth/mailchimp HTTP/1.1",
+                b"GET /nowhere HTTP/1.1", b"POST / HTTP/1.1\r\nContent-Length: 3",
+                f"GET {demo.CALLBACK_PATH}?state=x HTTP/1.1".encode(), b"GET / HTTP/1.1"]
+    statuses, bodies = [], []
+    with socket.create_connection(("127.0.0.1", server.server_port), timeout=10) as sock:
+        for request in requests:  # one after another, on one TCP connection
+            sock.sendall(with_port(request + b"\r\n" + AS_CURL + b"\r\n", server.server_port)
+                         + (b"a=1" if request.startswith(b"POST") else b""))
+            head = read_head(sock)  # bytes left over from the last answer would start it
+            assert b"Connection: close" not in head, f"{request!r} closed the connection"
+            statuses.append(int(head.split()[1]))
+            length = 0 if request.startswith(b"HEAD") else int(
+                re.search(rb"Content-Length: (\d+)", head)[1])  # type: ignore[index]
+            bodies.append(read_exactly(sock, length))
     assert statuses == [200, 200, 302, 404, 405, 400, 200]
-    assert len(sockets) == 1  # every request rode the same TCP connection
-    assert bodies[1] == b"" and bodies[0] == bodies[6]
+    assert bodies[0] == bodies[6] and bodies[0].endswith(b"</html>\n")
 
 
 def test_an_idle_kept_alive_connection_is_closed(server: demo.Server) -> None:
     with socket.create_connection(("127.0.0.1", server.server_port), timeout=10) as sock:
-        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        sock.sendall(with_port(b"GET / HTTP/1.1\r\n" + AS_CURL + b"\r\n", server.server_port))
         received = b""
         while chunk := sock.recv(65536):  # the page, then b"" once the idle timeout closes it
             received += chunk
@@ -1453,35 +1774,100 @@ def test_a_client_that_sends_nothing_is_let_go(server: demo.Server) -> None:
         assert sock.recv(1) == b""  # closed by the server's idle timeout, not by ours
 
 
-def test_at_the_connection_cap_new_connections_wait_and_the_log_says_so_once(
-        mailchimp: FakeMailchimp, log: pytest.LogCaptureFixture) -> None:
-    server, _ = demo.make_server(CONFIG, port=0, opener=mailchimp, max_connections=4)
-    with serving(server), contextlib.ExitStack() as stack:
-        def connect() -> socket.socket:
+@contextlib.contextmanager
+def connections_to(server: demo.Server) -> Iterator[Callable[[bytes], socket.socket]]:
+    """open(data): a new connection to server that has sent data; all closed at the end."""
+    with contextlib.ExitStack() as stack:
+        def open_(data: bytes) -> socket.socket:
             sock = stack.enter_context(socket.create_connection(
                 ("127.0.0.1", server.server_port), timeout=10))
-            sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            sock.sendall(with_port(data, server.server_port))
             return sock
-        held = [connect() for _ in range(4)]
-        assert all(sock.recv(12) == b"HTTP/1.1 200" for sock in held)  # the cap is reached
-        waiting = connect()
-        assert select.select([waiting], [], [], 0.3)[0] == []  # in the backlog, unanswered
+        yield open_
+
+
+GET = b"GET / HTTP/1.1\r\n" + AS_CURL + b"\r\n"
+HEAD_IN_BODY_TO_COME = (b"POST /disconnect HTTP/1.1\r\n" + AS_CURL + b"Expect: 100-continue\r\n"
+                        b"Content-Type: application/x-www-form-urlencoded\r\n"
+                        b"Content-Length: 3\r\n\r\n")
+
+
+def test_at_the_connection_cap_new_connections_wait_and_the_log_says_so_once(
+        mailchimp: FakeMailchimp, log: pytest.LogCaptureFixture) -> None:
+    server, _ = demo.make_server(CONFIG, port=0, opener=mailchimp, max_connections=4,
+                                 request_timeout=30)
+    with serving(server), connections_to(server) as open_:
+        held = [open_(HEAD_IN_BODY_TO_COME) for _ in range(4)]
+        assert all(read_head(sock) == b"HTTP/1.1 100 Continue\r\n\r\n" for sock in held)
+        waiting = open_(GET)  # the cap is reached, by requests whose heads are in
+        assert select.select([waiting], [], [], 1.5)[0] == []  # past every wait of the server's
+        held[0].sendall(b"a=1")
+        assert held[0].recv(12) == b"HTTP/1.1 200"  # never cut off, however long it waited
         held[0].close()
         assert waiting.recv(12) == b"HTTP/1.1 200"  # it took the freed place
+        held[1].close()
+        held[2].close()
+        assert eventually(lambda: len(warnings_in(log)) == 2)  # 4 - 2: down to half
+        more = [open_(GET) for _ in range(2)]
+        assert all(sock.recv(12) == b"HTTP/1.1 200" for sock in more)
+        assert eventually(lambda: len(warnings_in(log)) == 3)
         warnings = warnings_in(log)
-    assert warnings == ["serving 4 connections, the most it will; new ones wait"]
+    assert warnings == ["serving 4 connections, the most it will; new ones wait",
+                                "down to 2 connections",
+                                "serving 4 connections, the most it will; new ones wait"]
 
 
-def test_a_client_that_resets_costs_one_debug_line_and_no_traceback(
+def test_at_the_cap_the_slowest_unfinished_head_makes_way_for_a_newcomer(
+        mailchimp: FakeMailchimp, log: pytest.LogCaptureFixture) -> None:
+    server, _ = demo.make_server(CONFIG, port=0, opener=mailchimp, max_connections=4,
+                                 request_timeout=30)
+    with serving(server), connections_to(server) as open_:
+        slowest = open_(b"GET / HTTP/1.1\r\nX-Slow: a")  # a slowloris, one byte at a time
+
+        def reading_heads(count: int) -> bool:
+            return sum(handler.input.head_waiting_since() < math.inf
+                       for handler in list(server.handlers)) == count
+
+        assert eventually(lambda: reading_heads(1))  # its head began to arrive first
+        slow = [open_(b"GET / HTTP/1.1\r\nX-Slow: a") for _ in range(3)]
+        assert eventually(lambda: reading_heads(4))
+        visitors = [open_(GET) for _ in range(2)]
+        assert all(sock.recv(12) == b"HTTP/1.1 200" for sock in visitors)  # after about 1 s
+        assert slowest.recv(1) == b""  # cut off, with one of the others
+        assert sum(select.select([sock], [], [], 0)[0] != [] for sock in slow) == 1
+    cutting = [line for line in warnings_in(log) if "cutting off" in line]
+    assert cutting == ["cutting off the slowest unfinished requests to let new connections in"]
+
+
+@pytest.mark.parametrize("gone", [
+    ConnectionResetError(104, "Connection reset by peer"),  # it reset
+    BrokenPipeError(32, "Broken pipe"),  # it closed before its answer was written
+    socket.timeout("timed out"),  # noqa: UP041 -- Python 3.9's: it stopped reading the answer
+], ids=["reset", "broken-pipe", "timeout"])
+def test_a_client_that_goes_away_costs_one_debug_line_and_no_traceback(
         server: demo.Server, log: pytest.LogCaptureFixture,
-        capsys: pytest.CaptureFixture[str]) -> None:
+        capsys: pytest.CaptureFixture[str], gone: OSError) -> None:
     try:
-        raise ConnectionResetError(104, "Connection reset by peer")
-    except ConnectionResetError:
+        raise gone
+    except OSError:
         server.handle_error(None, ("127.0.0.9", 1234))
     assert capsys.readouterr().err == ""
     [line] = [record for record in log.records if "127.0.0.9" in record.getMessage()]
     assert line.levelno == logging.DEBUG and "went away" in line.getMessage()
+
+
+def test_a_stop_waits_for_a_request_being_answered_only_until_its_deadline(
+        server: demo.Server) -> None:
+    class Answering:  # a handler whose answer never ends
+        answering = True
+
+    server.handlers.add(Answering())  # type: ignore[arg-type]
+    finished: list[bool] = []
+    stop = threading.Thread(target=lambda: finished.append(server.finish_requests(0.1)))
+    stop.start()
+    stop.join(10)
+    assert finished == [False]  # it gave up, and said so
+    server.handlers.clear()
 
 
 def test_a_bug_outside_the_routes_still_logs_its_traceback(
@@ -1500,7 +1886,8 @@ def test_clients_that_go_away_mid_request_cost_a_debug_line_each(
         linger: bytes | None) -> None:
     for _ in range(10):
         with socket.create_connection(("127.0.0.1", server.server_port), timeout=10) as sock:
-            sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nX-Unfinished: ")
+            sock.sendall(with_port(b"GET / HTTP/1.1\r\n" + AS_CURL + b"X-Unfinished: ",
+                                   server.server_port))
             if linger:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)  # close = reset
     assert browser.get("/").status == HTTPStatus.OK
@@ -1628,7 +2015,8 @@ class Run:
 @contextlib.contextmanager
 def running(*args: str, env: dict[str, str], module: str = MODULE) -> Iterator[Run]:
     """python MODULE ARGS, with env as its only MAILCHIMP_* settings, until the block ends."""
-    clean = {name: value for name, value in os.environ.items() if not name.startswith("MAILCHIMP")}
+    clean = {name: value for name, value in os.environ.items()  # a proxy would not find
+             if not name.startswith("MAILCHIMP") and "proxy" not in name.lower()}  # loopback
     process = subprocess.Popen([sys.executable, module, *args], env={**clean, **env}, text=True,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     watchdog = threading.Timer(20, process.kill)  # a silent process can't hang the suite
@@ -1660,6 +2048,9 @@ class HeldMailchimp:
             return demo.json_response(HTTPStatus.OK, METADATA)
         return demo.json_response(HTTPStatus.OK, {"health_status": "Everything's Chimpy!"})
 
+    def close(self) -> None:
+        self.go.set()
+
 
 @pytest.mark.skipif(os.name != "posix", reason="SIGTERM is POSIX")
 def test_sigterm_lets_a_login_in_flight_finish_then_exits_0() -> None:
@@ -1679,6 +2070,8 @@ def test_sigterm_lets_a_login_in_flight_finish_then_exits_0() -> None:
         run.process.send_signal(signal.SIGTERM)
         assert run.process.stdout is not None
         assert run.process.stdout.readline().startswith("stopping")
+        with pytest.raises(ConnectionRefusedError):  # no new connection once a stop begins
+            socket.create_connection(("127.0.0.1", run.port), timeout=10)
         held.go.set()
         login.join()
         run.process.wait(timeout=10)
@@ -1691,7 +2084,7 @@ def test_startup_prints_the_url_and_the_redirect_uri_to_register_and_nothing_sec
         url = run.banner[1].split()[-1]
         assert run.banner[2].split()[-1] == url.rstrip("/") + demo.CALLBACK_PATH
         assert "to register" in run.banner[2] and run.banner[4].split()[-1] == "memory"
-        with urllib.request.urlopen(url, timeout=10) as answer:
+        with demo.new_opener(NO_PROXY).open(url, timeout=10) as answer:
             assert answer.status == HTTPStatus.OK
     assert CLIENT_SECRET not in "".join(run.banner) + run.out + run.err
 
@@ -1977,6 +2370,14 @@ def test_stand_in_codes_are_single_use_and_expire(stand_in: demo.Sandbox, clock:
     late = token_fields(stand_in)
     clock.now += demo.LOGIN_LIFETIME + 1
     assert json.loads(post_form(url, late).text)["error"] == "invalid_grant"
+
+
+def test_stand_in_forgets_the_codes_that_expired(stand_in: demo.Sandbox, clock: Clock) -> None:
+    for _ in range(5):
+        stand_in.issue_code(stand_in.redirect_uri)  # logins nobody finished
+    clock.now += demo.LOGIN_LIFETIME + 1
+    fresh = stand_in.issue_code(stand_in.redirect_uri)
+    assert list(stand_in._codes) == [fresh]  # memory holds only what can still be used
 
 
 def issued_token(sandbox: demo.Sandbox) -> str:
