@@ -1409,7 +1409,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--base-url", default="",
                         help="where browsers reach this app (default http://HOST:PORT)")
     parser.add_argument("--timeout", type=positive_seconds, default=10.0,
-                        help="seconds to wait for Mailchimp (default 10)")
+                        help="seconds each call to Mailchimp may take: to connect, for "
+                        "each wait for data, and for the whole reply body (default 10)")
     parser.add_argument("--store", metavar="PATH",
                         help="keep connections in this SQLite database, across restarts "
                         "(default: in memory)")

@@ -1863,7 +1863,8 @@ def test_a_stop_waits_for_a_request_being_answered_only_until_its_deadline(
 
     server.handlers.add(Answering())  # type: ignore[arg-type]
     finished: list[bool] = []
-    stop = threading.Thread(target=lambda: finished.append(server.finish_requests(0.1)))
+    stop = threading.Thread(target=lambda: finished.append(server.finish_requests(0.1)),
+                            daemon=True)  # a stop that never gives up must not hang the suite
     stop.start()
     stop.join(10)
     assert finished == [False]  # it gave up, and said so
