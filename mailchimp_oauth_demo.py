@@ -134,16 +134,18 @@ class Opener(Protocol):
 
 class FlowError(Exception):
     """A step failed: the status to answer, the step, a message safe to show and to log, the
-    likely cause and fix, and Mailchimp's own status when it answered with an error."""
+    likely cause and fix, Mailchimp's own status when it answered with an error, and a
+    heading for the page when the status alone would say it badly."""
 
     def __init__(self, status: HTTPStatus, step: str, message: str, hint: str = "",
-                 mailchimp_status: int = 0) -> None:
+                 mailchimp_status: int = 0, heading: str = "") -> None:
         super().__init__(f"{step}: {message}")
         self.status = status
         self.step = step
         self.message = message
         self.hint = hint
         self.mailchimp_status = mailchimp_status
+        self.heading = heading
 
 
 def new_secret() -> str:
@@ -177,9 +179,9 @@ def check_callback(query: str, state: str) -> str:
         raise FlowError(HTTPStatus.BAD_REQUEST, STEP_CALLBACK, "The callback has no state.",
                         HINT_START_AGAIN)
     if not (state and hmac.compare_digest(fields["state"].encode(), state.encode())):
-        raise FlowError(HTTPStatus.BAD_REQUEST, STEP_CALLBACK, "This callback does not match "
-                        "a login started in this browser in the last 10 minutes, or it was "
-                        "used already.", HINT_START_AGAIN)
+        raise FlowError(HTTPStatus.BAD_REQUEST, STEP_CALLBACK, "This callback does not carry "
+                        "the state this browser was given in step 2, or that state was used "
+                        "already.", HINT_START_AGAIN)
     if fields.get("error"):
         raise denial_error(fields["error"], fields.get("error_description", ""))
     code = fields.get("code", "")
@@ -236,7 +238,8 @@ def find_account(opener: Opener, config: Config, token: str) -> Account:
                         "one (letters then digits, like us19).",
                         "The app refused to build an address from it, so the token went nowhere. "
                         + HINT_UNEXPECTED)
-    account = Account(prefix, printable(reply_field(data, STEP_METADATA, "accountname")))
+    name = data.get("accountname")  # only shown: Mailchimp leaves it out for some accounts
+    account = Account(prefix, printable(name) if isinstance(name, str) and name else NO_NAME)
     narrate(STEP_METADATA, f"{summary(request, reply)}: server prefix {prefix}, "
             f"account {account.name!r}")
     return account
@@ -319,6 +322,7 @@ class OAuthDemo:
                  logins: PendingLogins, notice: str = "") -> None:
         self.config, self.opener, self.store, self.logins = config, opener, store, logins
         self.notice = notice  # a line at the top of every page: the sandbox says SANDBOX
+        self.hints: dict[tuple[str, int], str] = {}  # (step, Mailchimp's status) -> our words
         self.secure = config.base_url.startswith("https:")  # then cookies are Secure too
         self.netloc = urllib.parse.urlsplit(config.base_url).netloc  # its Host header
         self.hostname = urllib.parse.urlsplit(config.base_url).hostname or ""
@@ -329,6 +333,8 @@ class OAuthDemo:
             CALLBACK_PATH: {"GET": self.finish_login},
             "/ping": {"POST": self.ping_again},  # they change things: POST, from our pages only
             "/disconnect": {"POST": self.disconnect},
+            "/disconnected": {"GET": self.show_disconnected, "HEAD": self.show_disconnected},
+            "/favicon.ico": {"GET": no_icon, "HEAD": no_icon},  # browsers ask; we have none
         }
 
     def show_index(self, visit: Visit) -> Response:
@@ -391,8 +397,12 @@ class OAuthDemo:
             self.store.delete(visit.session)
         narrate("disconnect", "forgot this browser's connection; Mailchimp has no endpoint to "
                 "revoke the token, so the user removes the app in their account")
-        return Response(HTTPStatus.OK, page("Disconnected", DISCONNECTED, self.notice),
-                        (("Set-Cookie", session_cookie("", secure=self.secure, forget=True)),))
+        return redirect("/disconnected", ("Set-Cookie", session_cookie(
+            "", secure=self.secure, forget=True)), status=HTTPStatus.SEE_OTHER)  # reloads: GET
+
+    def show_disconnected(self, visit: Visit) -> Response:
+        """Where Disconnect leads: what was forgotten, and what only the user can revoke."""
+        return Response(HTTPStatus.OK, page("Disconnected", DISCONNECTED, self.notice))
 
     def respond(self, method: str, visit: Visit) -> Response:
         """Answer one request; a failed step becomes its error page."""
@@ -406,6 +416,7 @@ class OAuthDemo:
         try:
             return dispatch(self.routes, method, visit, self.notice)
         except FlowError as err:
+            err.hint = self.hints.get((err.step, err.mailchimp_status), err.hint)
             return failure(err, self.notice)
         except StoreError as err:  # a full disk, say: the user gets a page, the server lives on
             return failure(FlowError(err.status, STEP_KEEP, str(err)), self.notice)
@@ -451,7 +462,8 @@ class OAuthDemo:
                 visit.origin and origin_of(visit.origin) != self.config.base_url):
             raise FlowError(HTTPStatus.FORBIDDEN, action,
                             "This request came from another site; nothing was changed.",
-                            f"To {action}, use the button on {self.config.base_url}/.")
+                            f"To {action}, use the button on {self.config.base_url}/.",
+                            heading="Refused: another site's button")
 
 
 def dispatch(routes: Mapping[str, Mapping[str, Callable[[Visit], Response]]], method: str,
@@ -470,6 +482,11 @@ def dispatch(routes: Mapping[str, Mapping[str, Callable[[Visit], Response]]], me
     return action(visit)
 
 
+def no_icon(visit: Visit) -> Response:
+    """/favicon.ico, which browsers ask for on every page: nothing, and no warning."""
+    return Response(HTTPStatus.NO_CONTENT)
+
+
 def redirect(location: str, *headers: tuple[str, str],
              status: HTTPStatus = HTTPStatus.FOUND) -> Response:
     """A redirect; Location comes from configuration, never from the request."""
@@ -479,7 +496,8 @@ def redirect(location: str, *headers: tuple[str, str],
 def failure(err: FlowError, notice: str = "") -> Response:
     """A failed step as the error page, with the same words, hint included, for the log."""
     message = f"{err.step[0].upper()}{err.step[1:]} failed: {err.message}"
-    return Response(err.status, problem_page(err.status, message, err.hint, notice),
+    return Response(err.status, problem_page(err.status, message, err.hint, notice,
+                                             heading=err.heading),
                     note=f"{message} Hint: {err.hint}" if err.hint else message)
 
 
@@ -553,17 +571,21 @@ MAX_REPLY_BYTES = 64 * 1024  # Mailchimp's replies are tiny; a huge one is a fau
 AUTH_CODE = re.compile(r"[\x20-\x7e]{1,512}")  # RFC 6749 App. A.11: code is printable ASCII
 ACCESS_TOKEN = re.compile(r"[A-Za-z0-9._~+/-]{1,512}=*")  # RFC 6750 §2.1: safe in a header
 SERVER_PREFIX = re.compile(r"[a-z]{1,10}[0-9]{1,10}")  # "us19": nothing that can reshape a URL
+NO_NAME = "(Mailchimp gave no account name)"
 
 # The likely cause of each failure, and its fix, in words a newcomer can act on.
 HINT_START_AGAIN = ("Start again from the app's start page, at the address the app prints "
                     "(127.0.0.1 and localhost keep separate cookies).")
 HINT_ROTATED_SECRET = ("Mailchimp did not accept the client id and secret. If the secret was "
                        "rotated, put the new one in MAILCHIMP_CLIENT_SECRET and restart.")
-HINT_OLD_CODE = ("The code was used already or is over ten minutes old, or redirect_uri is not "
-                 "the one sent in step 2. Start again; if it keeps happening, register exactly "
-                 "the redirect URI the app prints at start-up.")
+HINT_OLD_CODE = ("Mailchimp's codes work once, and only for about 30 seconds: the code was used "
+                 "already or came back too late, or redirect_uri is not the one sent in step "
+                 "2. Start again; if it keeps happening, register exactly the redirect URI the "
+                 "app prints at start-up.")
 HINT_REVOKED = ("Mailchimp no longer accepts this token: the user may have removed the app "
                 "from their account. This app has forgotten it; connect again.")
+HINT_METADATA_TOKEN = ("The metadata call must send 'Authorization: OAuth <token>' with the "
+                       "token just issued.")
 HINT_UNEXPECTED = ("Mailchimp's answer is not what its guide describes. If MAILCHIMP_LOGIN_URL "
                    "or MAILCHIMP_API_URL point at another server, look there.")
 HINT_UNREACHABLE = ("Check the internet connection, any proxy settings, and "
@@ -577,8 +599,8 @@ HINTS = {  # Mailchimp's refusals: (step, its error or status) -> hint
     (STEP_TOKEN, "redirect_uri_mismatch"): HINT_OLD_CODE,
     (STEP_TOKEN, "invalid_request"): ("Mailchimp wants the five fields as a form "
                                       "(application/x-www-form-urlencoded), not JSON."),
-    (STEP_METADATA, HTTPStatus.UNAUTHORIZED): ("The metadata call must send 'Authorization: "
-                                               "OAuth <token>' with the token just issued."),
+    (STEP_METADATA, HTTPStatus.UNAUTHORIZED): HINT_METADATA_TOKEN,
+    (STEP_METADATA, "invalid_token"): HINT_METADATA_TOKEN,
     (STEP_PING, HTTPStatus.UNAUTHORIZED): HINT_REVOKED + " (Or the call went to another "
                                                          "account's server prefix.)",
     (STEP_PING, HTTPStatus.NOT_FOUND): ("The API address is wrong: MAILCHIMP_API_URL must "
@@ -657,7 +679,9 @@ def authorized_request(url: str, authorization: str) -> urllib.request.Request:
 
 
 def reply_json(reply: Reply, step: str) -> dict[str, Any]:
-    """A 2xx reply's JSON object; anything else is a 502 that says what Mailchimp said."""
+    """A 2xx reply's JSON object; anything else is a 502 that says what Mailchimp said. So is
+    a reply carrying `error`, whatever its status: Mailchimp's metadata endpoint answers a
+    bad token with 200 and {"error": "invalid_token"}."""
     if not HTTPStatus.OK <= reply.status < HTTPStatus.MULTIPLE_CHOICES:  # not a 2xx
         raise refusal_error(reply, step)
     try:
@@ -668,6 +692,8 @@ def reply_json(reply: Reply, step: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise FlowError(HTTPStatus.BAD_GATEWAY, step, "Mailchimp's reply was not a JSON object.",
                         HINT_UNEXPECTED)
+    if "error" in data:
+        raise refusal_error(reply, step)
     return data
 
 
@@ -686,12 +712,13 @@ def denial_error(error: str, description: str) -> FlowError:
     if error == "access_denied":
         return FlowError(HTTPStatus.FORBIDDEN, STEP_CALLBACK,
                          f"Access was not granted, so nothing was shared ({said}).",
-                         "You can connect whenever you like.")
+                         "You can connect whenever you like.", heading="Access not granted")
     busy = error in ("server_error", "temporarily_unavailable")  # RFC 6749 §4.1.2.1
+    hint = HINT_BUSY if busy else ("Check that MAILCHIMP_CLIENT_ID is the client_id of a "
+                                   "registered app.")
     return FlowError(HTTPStatus.BAD_GATEWAY, STEP_CALLBACK,
-                     f"Mailchimp refused the authorization request ({said}).",
-                     HINT_BUSY if busy else
-                     "Check that MAILCHIMP_CLIENT_ID is the client_id of a registered app.")
+                     f"Mailchimp refused the authorization request ({said}).", hint,
+                     heading="Mailchimp could not authorize this app")
 
 
 def refusal_error(reply: Reply, step: str) -> FlowError:
@@ -702,7 +729,8 @@ def refusal_error(reply: Reply, step: str) -> FlowError:
     message = f"Mailchimp answered {reply.status}" + (f": {said}" if said else ".")
     hint = HINTS.get((step, error)) or HINTS.get((step, reply.status)) or (
         HINT_BUSY if reply.status >= HTTPStatus.INTERNAL_SERVER_ERROR else HINT_UNEXPECTED)
-    return FlowError(HTTPStatus.BAD_GATEWAY, step, message, hint, reply.status)
+    return FlowError(HTTPStatus.BAD_GATEWAY, step, message, hint, reply.status,
+                     heading="Mailchimp refused")
 
 
 def no_answer_error(err: Exception, host: str, timeout: float, step: str) -> FlowError:
@@ -710,12 +738,15 @@ def no_answer_error(err: Exception, host: str, timeout: float, step: str) -> Flo
     reason = err.reason if isinstance(err, urllib.error.URLError) else err  # urllib wraps it
     if isinstance(reason, (TimeoutError, socket.timeout)):  # two classes on Python 3.9
         return FlowError(HTTPStatus.GATEWAY_TIMEOUT, step,
-                         f"{host} did not answer within {timeout:g} s.", HINT_SLOW)
+                         f"{host} did not answer within {timeout:g} s.", HINT_SLOW,
+                         heading="Mailchimp did not answer in time")
     if isinstance(err, urllib.error.URLError):
         return FlowError(HTTPStatus.BAD_GATEWAY, step,
-                         f"Could not reach {host}: {printable(str(reason))}.", HINT_UNREACHABLE)
+                         f"Could not reach {host}: {printable(str(reason))}.", HINT_UNREACHABLE,
+                         heading="Mailchimp could not be reached")
     return FlowError(HTTPStatus.BAD_GATEWAY, step,
-                     f"{host} broke off its answer ({type(err).__name__}).", HINT_UNREACHABLE)
+                     f"{host} broke off its answer ({type(err).__name__}).", HINT_UNREACHABLE,
+                     heading="Mailchimp broke off its answer")
 
 
 def mailchimp_said(body: bytes) -> tuple[str, str]:
@@ -777,12 +808,15 @@ h1 { font-size: 1.6rem; margin: 1rem 0; }
 dl { display: grid; grid-template-columns: max-content 1fr; gap: .3rem 1.2rem; }
 dt { font-weight: 600; }
 dd { margin: 0; }
-code { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; }
+code { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace;
+       overflow-wrap: anywhere; }
+.status { color: #59636e; font-size: .9rem; }
 form { display: inline-block; margin: 1rem .5rem 0 0; }
 .button, button { font: inherit; display: inline-block; padding: .5rem 1.1rem; cursor: pointer;
                   border: 1px solid #0b5cad; border-radius: .4rem; background: #0b5cad;
                   color: #fff; text-decoration: none; }
 button.quiet { background: #fff; color: #0b5cad; }
+a:focus-visible, button:focus-visible { outline: 3px solid #1f2328; outline-offset: 3px; }
 """
 # The policy allows this one stylesheet by its hash, computed from the text itself, so editing
 # the style can't break the policy, and nothing injected into a page can style or script it.
@@ -795,8 +829,10 @@ PAGE = """<!doctype html>
 <head><meta charset="utf-8"><meta name="viewport" content="width=device-width">
 <title>{title}</title><style>{style}</style></head>
 <body>
+<main>
 {notice}<h1>{title}</h1>
 {content}
+</main>
 </body>
 </html>
 """
@@ -816,17 +852,35 @@ CONNECTED = """<p>Mailchimp accepted the connection. What the app keeps:</p>
 <dt>Connected at</dt><dd>{connected_at}</dd>
 <dt>Last ping</dt><dd>{pinged_at}: {health}</dd>
 </dl>
-<form method="post" action="/ping"><button type="submit">Ping Mailchimp again</button></form>
-<form method="post" action="/disconnect"><button class="quiet" type="submit">Disconnect</button></form>"""
+<form method="post" action="/ping"><input type="hidden" name="do" value="ping">
+<button type="submit">Ping Mailchimp again</button></form>
+<form method="post" action="/disconnect"><input type="hidden" name="do" value="disconnect">
+<button class="quiet" type="submit">Disconnect</button></form>"""
 
 DISCONNECTED = """<p>This app has forgotten the access token and the server prefix.</p>
 <p>The token itself keeps working until the user revokes it, and Mailchimp has no endpoint for
 that: to take this app's access away entirely, remove the app in your Mailchimp account.</p>
 <p><a href="/">Back to the start</a></p>"""
 
-PROBLEM = """<p>{message}</p>
+PROBLEM = """<p class="status">{status}</p>
+<p>{message}</p>
 <p>{hint}</p>
-<p><a href="/">Back to the start</a></p>"""
+<p><a href="{home}">Back to the start</a></p>"""
+
+# What a problem page says first, above its status: what happened, in words.
+HEADINGS = {
+    HTTPStatus.BAD_REQUEST: "This request could not be used",
+    HTTPStatus.FORBIDDEN: "Nothing was changed",
+    HTTPStatus.NOT_FOUND: "There is no page here",
+    HTTPStatus.METHOD_NOT_ALLOWED: "Not at this address",
+    HTTPStatus.REQUEST_ENTITY_TOO_LARGE: "Too much was sent",
+    HTTPStatus.MISDIRECTED_REQUEST: "Not this app's address",
+    HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE: "Too much was sent",
+    HTTPStatus.INTERNAL_SERVER_ERROR: "Something went wrong",
+    HTTPStatus.BAD_GATEWAY: "Mailchimp's answer could not be used",
+    HTTPStatus.SERVICE_UNAVAILABLE: "Busy for a moment",
+    HTTPStatus.GATEWAY_TIMEOUT: "Mailchimp did not answer in time",
+}
 
 
 def render(template: str, **values: str) -> str:
@@ -848,10 +902,12 @@ def connected_page(connection: Connection, notice: str = "") -> bytes:
         pinged_at=connection.pinged_at, health=connection.health_status), notice)
 
 
-def problem_page(status: HTTPStatus, message: str, hint: str = "", notice: str = "") -> bytes:
-    """The one error page: what went wrong, and what to do about it."""
-    return page(f"{status.value} {status.phrase}", render(PROBLEM, message=message, hint=hint),
-                notice)
+def problem_page(status: HTTPStatus, message: str, hint: str = "", notice: str = "", *,
+                 heading: str = "", home: str = "/") -> bytes:
+    """The one error page: what happened, what went wrong, and what to do about it."""
+    return page(heading or HEADINGS.get(status, status.phrase), render(
+        PROBLEM, status=f"{status.value} {status.phrase}", message=message, hint=hint,
+        home=home), notice)
 
 
 # ---------------------------------------------------------------------------
@@ -1097,8 +1153,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.send_header("Date", self.date_time_string())
         for name, value in (*[h for h in SECURITY_HEADERS if h[0] not in own], *response.headers):
             self.send_header(name, value)
-        self.send_header("Content-Type", response.content_type)
-        self.send_header("Content-Length", str(len(response.body)))
+        if response.status != HTTPStatus.NO_CONTENT:  # RFC 9110 §8.6: no length on a 204
+            self.send_header("Content-Type", response.content_type)
+            self.send_header("Content-Length", str(len(response.body)))
         if self.close_connection:
             self.send_header("Connection", "close")
         elif self.request_version == "HTTP/1.0":  # it asked to keep the connection: say yes
@@ -1306,7 +1363,7 @@ def config_from_env(environ: Mapping[str, str], *, base_url: str = "",
     check_upstream_url("MAILCHIMP_LOGIN_URL", config.login_url)
     if "{dc}" not in config.api_url:
         raise ConfigError("MAILCHIMP_API_URL must contain {dc}, where the server prefix goes")
-    check_upstream_url("MAILCHIMP_API_URL", config.api_url.replace("{dc}", "us1"))
+    check_upstream_url("MAILCHIMP_API_URL", config.api_url)
     return config
 
 
@@ -1320,9 +1377,10 @@ def required(environ: Mapping[str, str], name: str) -> str:
 
 
 def check_upstream_url(name: str, url: str) -> None:
-    """Refuse plain http:// beyond this machine: the secret and tokens travel on these URLs."""
+    """Refuse plain http:// beyond this machine: the secret and tokens travel on these URLs.
+    (Messages quote the URL as given, {dc} and all.)"""
     try:
-        parts = urllib.parse.urlsplit(url)
+        parts = urllib.parse.urlsplit(url.replace("{dc}", "us1"))
         host, _ = parts.hostname, parts.port  # .port raises ValueError if malformed
     except ValueError as err:
         raise ConfigError(f"{name}={url!r} is not a URL: {err}") from err
@@ -1463,14 +1521,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] = os.envi
         print(f"error: cannot listen on {args.host} port {args.port}: {err.strerror}{hint}",
               file=sys.stderr)
         return 2
-    print(f"Mailchimp OAuth 2 demo, listening. Press Ctrl+C to stop.\n"
-          f"  open in your browser:      {app.config.base_url}/\n"
-          + ("  redirect URI (stand-in):   " if app.notice else "  redirect URI to register:  ")
-          + f"{app.config.redirect_uri}\n"
-          f"  Mailchimp login server:    {app.config.login_url}\n"
-          f"  connections kept in:       {app.store.where}", flush=True)
-    if app.notice:
-        print(app.notice, flush=True)
+    print_banner(server, app)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     logger.setLevel(logging.WARNING if args.quiet else
                     logging.DEBUG if args.verbose else logging.INFO)
@@ -1483,6 +1534,20 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] = os.envi
             print(f"requests still unanswered after {STOP_SECONDS:g} s were dropped")
         print("stopped", flush=True)
     return 0
+
+
+def print_banner(server: Server, app: OAuthDemo) -> None:
+    """What a newcomer needs at start-up: where to go, and what to register at Mailchimp."""
+    listening = "" if server.origin == app.config.base_url else (
+        f"  listening on:              {server.origin}/ (browsers use the address above)\n")
+    print(f"Mailchimp OAuth 2 demo, listening. Press Ctrl+C to stop.\n"
+          f"  open in your browser:      {app.config.base_url}/\n{listening}"
+          + ("  redirect URI (stand-in):   " if app.notice else "  redirect URI to register:  ")
+          + f"{app.config.redirect_uri}\n"
+          f"  Mailchimp login server:    {app.config.login_url}\n"
+          f"  connections kept in:       {app.store.where}", flush=True)
+    if app.notice:
+        print(app.notice, flush=True)
 
 
 def start(args: argparse.Namespace, environ: Mapping[str, str]) -> tuple[Server, OAuthDemo]:
@@ -1695,6 +1760,8 @@ def exposure(path: str, info: os.stat_result) -> str:
 
 SANDBOX_NOTICE = ("SANDBOX: a stand-in for Mailchimp answers here, on this machine. "
                   "This is not Mailchimp, and nothing leaves 127.0.0.1.")
+SANDBOX_RESTARTED = ("The stand-in started afresh with the app, so it no longer knows this "
+                     "token, and the app has let go of it too. Connect again.")
 SANDBOX_PREFIX = "sandbox1"
 TOKEN_FIELDS = {"grant_type", "client_id", "client_secret", "redirect_uri", "code"}
 
@@ -1743,9 +1810,10 @@ class Sandbox:
         """Answer one request; a bad authorize request gets a page, never a redirect."""
         try:
             return dispatch(self.routes, method, visit, SANDBOX_NOTICE)
-        except FlowError as err:
-            return Response(err.status, problem_page(err.status, err.message,
-                                                     notice=SANDBOX_NOTICE), note=err.message)
+        except FlowError as err:  # its link leads back to the app, not to the stand-in's /
+            return Response(err.status, problem_page(
+                err.status, err.message, notice=SANDBOX_NOTICE,
+                home=origin_of(self.redirect_uri) + "/"), note=err.message)
 
     def consent(self, visit: Visit) -> Response:
         """Authorize: check the request, then ask the user (Mailchimp asks them to log in too)."""
@@ -1885,6 +1953,7 @@ def sandboxed(sandbox: Sandbox, args: argparse.Namespace,
     server, app = make_server(config, host=args.host, port=args.port, opener=no_proxy,
                               store=store, notice=SANDBOX_NOTICE)
     sandbox.redirect_uri = app.config.redirect_uri  # as registering the app with Mailchimp
+    app.hints[STEP_PING, HTTPStatus.UNAUTHORIZED] = SANDBOX_RESTARTED  # not "the user removed"
     return server, app
 
 

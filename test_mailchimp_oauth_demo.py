@@ -7,6 +7,7 @@ import base64
 import contextlib
 import email.message
 import hashlib
+import html
 import html.parser
 import http.client
 import importlib.util
@@ -140,8 +141,8 @@ def test_check_callback_gives_the_code_when_the_state_is_this_browsers() -> None
 
 @pytest.mark.parametrize("query, state, status, says", [
     ("code=abc", STATE, 400, "has no state"),
-    ("code=abc&state=" + "x" * 43, STATE, 400, "does not match a login"),
-    (f"code=abc&state={STATE}", "", 400, "does not match a login"),  # no login started here
+    ("code=abc&state=" + "x" * 43, STATE, 400, "does not carry the state"),
+    (f"code=abc&state={STATE}", "", 400, "does not carry the state"),  # no login started here
     (f"code=a&state={STATE}&state=y", STATE, 400, "could not be read"),  # which state?
     (f"code=%ff%fe&state={STATE}", STATE, 400, "could not be read"),  # not UTF-8
     ("&".join(f"f{n}=1" for n in range(50)), STATE, 400, "could not be read"),  # a flood
@@ -169,6 +170,12 @@ def test_exchange_code_posts_the_five_fields_as_a_form_and_returns_the_token(
                          "client_secret": [CLIENT_SECRET], "code": [CODE],
                          "redirect_uri": ["http://127.0.0.1:3000/oauth/mailchimp/callback"]}
     assert "Authorization" not in sent.headers
+
+
+def test_exchange_code_takes_the_token_reply_mailchimp_sends(mailchimp: FakeMailchimp) -> None:
+    mailchimp.replies[TOKEN_URL] = (200, b'{"access_token": "925680f04933b28f128d721fdf8949fa", '
+                                         b'"expires_in": 0, "scope": null}')  # as in passport's
+    assert demo.exchange_code(mailchimp, CONFIG, CODE) == "925680f04933b28f128d721fdf8949fa"
 
 
 @pytest.mark.parametrize("body", [
@@ -216,9 +223,30 @@ def test_find_account_refuses_a_server_prefix_that_could_redirect_the_token(
     assert (err.status, err.step) == (HTTPStatus.BAD_GATEWAY, demo.STEP_METADATA)
 
 
-def test_find_account_refuses_a_reply_without_an_account_name(mailchimp: FakeMailchimp) -> None:
-    mailchimp.replies[METADATA_URL] = (200, {"dc": "us19"})
-    assert flow_error(demo.find_account, mailchimp, CONFIG, TOKEN).step == demo.STEP_METADATA
+# Replies as Mailchimp really sends them, from other integrations' test suites and issues.
+@pytest.mark.parametrize("metadata, name", [
+    ({"dc": "us19", "role": "owner", "accountname": "Freddie's Jokes", "user_id": 42,
+      "login": {"email": "f@example.com", "avatar": None, "login_id": 42,
+                "login_name": "freddie", "login_email": "f@example.com"},
+      "login_url": "https://login.mailchimp.com", "api_endpoint": "https://us19.api.mailchimp.com"},
+     "Freddie's Jokes"),  # integer ids and a null avatar, as social-core's fixture has them
+    ({"dc": "us19", "login_url": "https://login.mailchimp.com",
+      "api_endpoint": "https://us19.api.mailchimp.com"}, demo.NO_NAME),  # no accountname at all
+    ({"dc": "us19", "accountname": None}, demo.NO_NAME),
+    ({"dc": "us19", "accountname": ["not", "text"]}, demo.NO_NAME),
+])
+def test_find_account_takes_the_metadata_mailchimp_sends(
+        mailchimp: FakeMailchimp, metadata: dict[str, Any], name: str) -> None:
+    mailchimp.replies[METADATA_URL] = (200, metadata)
+    assert demo.find_account(mailchimp, CONFIG, TOKEN) == demo.Account("us19", name)
+
+
+def test_a_metadata_reply_of_200_carrying_an_error_is_a_refusal(mailchimp: FakeMailchimp) -> None:
+    mailchimp.replies[METADATA_URL] = (200, {"error": "invalid_token"})  # as Airbyte saw it
+    err = flow_error(demo.find_account, mailchimp, CONFIG, TOKEN)
+    assert (err.status, err.step, err.hint) == (HTTPStatus.BAD_GATEWAY, demo.STEP_METADATA,
+                                                demo.HINT_METADATA_TOKEN)
+    assert "invalid_token" in err.message
 
 
 def test_ping_calls_the_api_at_the_accounts_prefix_with_the_bearer_token(
@@ -698,7 +726,7 @@ def test_an_empty_store_file_of_ours_is_taken_and_made_ours_alone(
 @pytest.mark.skipif(os.name != "posix", reason="symbolic links need POSIX here")
 def test_a_store_path_that_is_a_symbolic_link_is_refused(tmp_path: Any) -> None:
     (tmp_path / "elsewhere.db").symlink_to(tmp_path / "real.db")
-    with pytest.raises(demo.StoreError, match="symbolic link"):
+    with pytest.raises(demo.StoreError, match="is a symbolic link: give --store the file"):
         demo.Store(str(tmp_path / "elsewhere.db"))
     assert not (tmp_path / "real.db").exists()
 
@@ -790,6 +818,24 @@ def foreign_page(url: str, referrer_policy: str = "") -> Page:
     return Page(HTTPStatus.OK, headers, "", url)
 
 
+class Forms(html.parser.HTMLParser):
+    """A page's forms, as a browser submits them: action -> hidden fields."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.forms: dict[str, dict[str, str]] = {}
+        self.action = ""
+        self.feed(text)
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        named = dict(attrs)
+        if tag == "form":
+            self.action = named["action"] or ""
+            self.forms[self.action] = {}
+        if tag == "input" and named.get("type") == "hidden":
+            self.forms[self.action][named["name"] or ""] = named["value"] or ""
+
+
 class Browser:
     """Just enough of a browser: one cookie jar for 127.0.0.1 (whatever the port, as browsers
     keep them), sent with every request but another site's POST (SameSite=Lax), follows
@@ -846,8 +892,14 @@ class Browser:
     def press(self, action: str, sends: str = "everything") -> Page:
         """Open the start page and press its button for action (Ping again, Disconnect)."""
         page = self.get("/")
-        assert f'<form method="post" action="{action}">' in page.text, "no such button"
-        return self.submit(page, action, sends=sends)
+        forms = Forms(page.text).forms
+        assert action in forms, "no such button"
+        return self.submit(page, action, forms[action], sends=sends)
+
+    def follow(self, page: Page) -> Page:
+        """Where a redirect leads, as a browser goes there: a GET."""
+        assert page.status in (HTTPStatus.FOUND, HTTPStatus.SEE_OTHER), page.status
+        return self.get(page.headers["Location"])
 
     def start_login(self) -> str:
         """Step 2, as the browser sees it; returns the state Mailchimp would send back."""
@@ -1005,8 +1057,9 @@ def test_the_connected_page_offers_ping_again_and_disconnect_as_buttons(
         browser: Browser) -> None:
     browser.connect()
     page = browser.get("/")
-    for action in ("/ping", "/disconnect"):
-        assert f'<form method="post" action="{action}"><button' in page.text
+    forms = Forms(page.text).forms
+    assert forms == {"/ping": {"do": "ping"}, "/disconnect": {"do": "disconnect"}}  # lynx
+    # sends a form without fields as a GET: with one, it posts it as every browser does
     assert "Last ping</dt><dd>" in page.text and "<code>us19</code>" in page.text
 
 
@@ -1051,10 +1104,12 @@ def test_disconnect_forgets_the_connection_and_explains_revoking(
         browser: Browser, mailchimp: FakeMailchimp) -> None:
     browser.connect()
     sent = len(mailchimp.sent)
-    page = browser.press("/disconnect")
-    assert page.status == HTTPStatus.OK
-    assert "remove the app in your Mailchimp account" in page.text
-    assert "Max-Age=0" in page.headers["Set-Cookie"]
+    pressed = browser.press("/disconnect")
+    assert (pressed.status, pressed.headers["Location"]) == (HTTPStatus.SEE_OTHER,
+                                                             "/disconnected")  # reloads: GET
+    assert "Max-Age=0" in pressed.headers["Set-Cookie"]
+    page = browser.follow(pressed)
+    assert page.status == HTTPStatus.OK and "remove the app in your Mailchimp account" in page.text
     assert "Connect with Mailchimp" in browser.get("/").text
     assert len(mailchimp.sent) == sent  # nothing to tell Mailchimp: it has no revocation
 
@@ -1071,7 +1126,7 @@ def test_the_buttons_work_in_every_browser(browser: Browser, mailchimp: FakeMail
                                            action: str, sends: str) -> None:
     browser.connect()
     mailchimp.replies[PING_URL] = (200, {"health_status": "Pinged again"})
-    assert browser.press(action, sends=sends).status in (HTTPStatus.OK, HTTPStatus.SEE_OTHER)
+    assert browser.press(action, sends=sends).status == HTTPStatus.SEE_OTHER
     after = browser.get("/").text
     assert ("Pinged again" in after) if action == "/ping" else ("Connect with" in after)
 
@@ -1180,7 +1235,7 @@ def test_callback_with_a_made_up_state_is_refused(browser: Browser,
     browser.start_login()
     page = browser.callback(code=CODE, state="x" * 43)
     assert page.status == HTTPStatus.BAD_REQUEST
-    assert "does not match a login started in this browser" in page.text
+    assert "does not carry the state this browser was given" in page.text
     assert mailchimp.sent == []
 
 
@@ -1222,9 +1277,17 @@ def test_deny_shows_a_friendly_page_with_mailchimps_words_escaped(
     page = browser.callback(state=browser.start_login(), error="access_denied",
                             error_description=f"User said no {SCRIPT}")
     assert page.status == HTTPStatus.FORBIDDEN
+    assert heading_and_status(page) == ("Access not granted", "403 Forbidden")
     assert "Access was not granted" in page.text
     assert "&lt;script&gt;" in page.text and SCRIPT not in page.text
     assert mailchimp.sent == []
+
+
+def heading_and_status(page: Page) -> tuple[str, str]:
+    """What a problem page says first, and the status it shows beneath, smaller."""
+    [heading] = re.findall(r"<h1>(.*?)</h1>", page.text)
+    [status] = re.findall(r'<p class="status">(.*?)</p>', page.text)
+    return heading, status
 
 
 @pytest.mark.parametrize("error, hint", [
@@ -1295,6 +1358,7 @@ def test_upstream_timeout_gives_504_and_the_server_keeps_serving(
     mailchimp.replies[METADATA_URL] = TimeoutError("timed out")
     page = browser.connect()
     assert page.status == HTTPStatus.GATEWAY_TIMEOUT
+    assert heading_and_status(page) == ("Mailchimp did not answer in time", "504 Gateway Timeout")
     assert "did not answer within 10 s" in page.text
     assert browser.get("/").status == HTTPStatus.OK
 
@@ -1450,7 +1514,24 @@ def test_the_policy_allows_exactly_the_stylesheet_the_page_carries(browser: Brow
 
 
 def test_unknown_path_is_404(browser: Browser) -> None:
-    assert browser.get("/admin").status == HTTPStatus.NOT_FOUND
+    page = browser.get("/admin")
+    assert page.status == HTTPStatus.NOT_FOUND
+    assert heading_and_status(page) == ("There is no page here", "404 Not Found")
+
+
+def test_the_icon_browsers_ask_for_is_no_content_and_no_warning(
+        browser: Browser, log: pytest.LogCaptureFixture) -> None:
+    page = browser.get("/favicon.ico")  # Firefox asks on every page
+    assert page.status == HTTPStatus.NO_CONTENT and page.text == ""
+    assert "Content-Length" not in page.headers  # RFC 9110 §8.6
+    assert warnings_in(log) == []
+
+
+@pytest.mark.parametrize("target", ["/", "/nowhere", "/disconnected", f"{demo.CALLBACK_PATH}?x=1"])
+def test_every_page_is_one_main_landmark_under_its_heading(browser: Browser, target: str) -> None:
+    body = browser.get(target).text.partition("<body>")[2]
+    assert body.strip().startswith("<main>") and body.count("<main>") == 1
+    assert body.strip().endswith("</main>\n</body>\n</html>")
 
 
 def test_head_answers_like_get_without_a_body(browser: Browser, server: demo.Server) -> None:
@@ -1483,7 +1564,7 @@ def test_expect_100_continue_is_answered_before_the_body_is_sent(server: demo.Se
                                b"Content-Length: 3\r\n\r\n", server.server_port))
         assert sock.recv(25) == b"HTTP/1.1 100 Continue\r\n\r\n"  # before any body
         sock.sendall(b"a=1")
-        assert sock.recv(65536).startswith(b"HTTP/1.1 200 ")
+        assert sock.recv(65536).startswith(b"HTTP/1.1 303 ")
 
 
 @pytest.mark.parametrize("name", ["localhost", "[::1]", "127.0.0.2", "LocalHost"])
@@ -1559,7 +1640,7 @@ def test_a_base_url_written_oddly_still_accepts_its_own_pages_buttons(
     with serving(server):
         browser = Browser(server.server_port, "https://demo.example")  # through a TLS proxy
         browser.connect()
-        assert browser.press("/disconnect").status == HTTPStatus.OK
+        assert browser.press("/disconnect").status == HTTPStatus.SEE_OTHER
         assert "Connect with Mailchimp" in browser.get("/").text
 
 
@@ -1690,6 +1771,18 @@ def test_a_request_body_is_never_read_as_the_next_request(server: demo.Server,
     assert answer.count(b"HTTP/1.1 ") == 1 and b"302" not in answer
 
 
+def test_a_body_cut_short_runs_no_route(server: demo.Server, log: pytest.LogCaptureFixture,
+                                        browser: Browser) -> None:
+    browser.connect()
+    cookie = "; ".join(f"{name}={value}" for name, value in browser.cookies.items())
+    answer = raw_exchange(server.server_port, b"POST /disconnect HTTP/1.1\r\n" + AS_CURL
+                          + f"Cookie: {cookie}\r\n".encode()
+                          + b"Content-Length: 10\r\n\r\na=1")  # 3 of 10 bytes, then gone
+    assert answer == b""  # nobody to answer, and nothing done
+    assert eventually(lambda: any("hung up mid-body" in r.getMessage() for r in log.records))
+    assert "Connected to Mailchimp" in browser.get("/").text
+
+
 def test_a_body_over_the_limit_is_refused_without_inviting_it(mailchimp: FakeMailchimp) -> None:
     server, _ = demo.make_server(CONFIG, port=0, opener=mailchimp, request_timeout=30)
     with serving(server), socket.create_connection(("127.0.0.1", server.server_port),
@@ -1802,7 +1895,7 @@ def test_at_the_connection_cap_new_connections_wait_and_the_log_says_so_once(
         waiting = open_(GET)  # the cap is reached, by requests whose heads are in
         assert select.select([waiting], [], [], 1.5)[0] == []  # past every wait of the server's
         held[0].sendall(b"a=1")
-        assert held[0].recv(12) == b"HTTP/1.1 200"  # never cut off, however long it waited
+        assert held[0].recv(12) == b"HTTP/1.1 303"  # never cut off, however long it waited
         held[0].close()
         assert waiting.recv(12) == b"HTTP/1.1 200"  # it took the freed place
         held[1].close()
@@ -1918,7 +2011,7 @@ def test_a_disconnect_while_a_ping_is_on_its_way_stays_done(
     ping = threading.Thread(target=lambda: answers.append(browser.submit(page, "/ping")))
     ping.start()
     assert pinging.wait(10)
-    assert browser.submit(page, "/disconnect").status == HTTPStatus.OK
+    assert browser.submit(page, "/disconnect").status == HTTPStatus.SEE_OTHER
     disconnected.set()
     ping.join()
     assert answers[0].status == HTTPStatus.SEE_OTHER and "Set-Cookie" not in answers[0].headers
@@ -1966,8 +2059,9 @@ def test_config_refuses_plain_http_beyond_this_machine(url: str) -> None:
 @pytest.mark.parametrize("url", ["http://us19.api.mailchimp.com/3.0", "http://{dc}.example/3.0",
                                  "https://api.example/3.0"])
 def test_config_refuses_an_api_url_without_https_or_a_place_for_the_prefix(url: str) -> None:
-    with pytest.raises(demo.ConfigError, match="MAILCHIMP_API_URL"):
+    with pytest.raises(demo.ConfigError, match="MAILCHIMP_API_URL") as refused:
         demo.config_from_env({**ENV, "MAILCHIMP_API_URL": url})
+    assert "{dc}" in str(refused.value)  # the value as typed, or the rule about it
 
 
 @pytest.mark.parametrize("base_url, says", [
@@ -2010,7 +2104,11 @@ class Run:
 
     @property
     def port(self) -> int:
-        return int(self.banner[1].split()[-1].rstrip("/").rsplit(":", 1)[1])
+        """The port it listens on: the browsers' address's, unless it says another."""
+        listening = [line for line in self.banner if line.startswith("  listening on:")]
+        address = re.search(r"http://\S+:(\d+)/", (listening or self.banner[1:2])[0])
+        assert address, self.banner
+        return int(address[1])
 
 
 @contextlib.contextmanager
@@ -2023,8 +2121,12 @@ def running(*args: str, env: dict[str, str], module: str = MODULE) -> Iterator[R
     watchdog = threading.Timer(20, process.kill)  # a silent process can't hang the suite
     watchdog.start()
     assert process.stdout is not None
-    run = Run(process, [process.stdout.readline() for _ in range(6 if "--sandbox" in args
-                                                                  else 5)])
+    banner = [process.stdout.readline()]
+    while not banner[-1].startswith("  connections kept in:") and banner[-1]:
+        banner.append(process.stdout.readline())
+    if "--sandbox" in args:
+        banner.append(process.stdout.readline())  # the SANDBOX notice
+    run = Run(process, banner)
     try:
         yield run
     finally:
@@ -2078,6 +2180,13 @@ def test_sigterm_lets_a_login_in_flight_finish_then_exits_0() -> None:
         run.process.wait(timeout=10)
     assert run.process.returncode == 0 and run.out.strip() == "stopped"
     assert answers[0].status == HTTPStatus.SEE_OTHER  # the login completed
+
+
+def test_startup_says_where_it_listens_when_browsers_use_another_address() -> None:
+    with running("--port", "0", "--base-url", "http://localhost:3000", env=ENV) as run:
+        assert run.banner[1].split()[-1] == "http://localhost:3000/"  # as given, for browsers
+        assert run.port != 3000  # what --port 0 picked, said on a line of its own
+        assert Browser(run.port).get("/", Host="localhost:3000").status == HTTPStatus.OK
 
 
 def test_startup_prints_the_url_and_the_redirect_uri_to_register_and_nothing_secret() -> None:
@@ -2215,29 +2324,12 @@ def test_starting_up_asks_no_resolver_for_a_name(monkeypatch: pytest.MonkeyPatch
 # Sandbox: the whole flow over real sockets, against the stand-in
 # ---------------------------------------------------------------------------
 
-class ConsentForm(html.parser.HTMLParser):
-    """The consent page's form: where it posts, and its hidden fields."""
-
-    def __init__(self, text: str) -> None:
-        super().__init__()
-        self.action = ""
-        self.fields: dict[str, str] = {}
-        self.feed(text)
-
-    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        named = dict(attrs)
-        if tag == "form":
-            self.action = named["action"] or ""
-        if tag == "input" and named.get("type") == "hidden":
-            self.fields[named["name"] or ""] = named["value"] or ""
-
-
 def decide(browser: Browser, decision: str) -> str:
     """Step 2 and the consent page, as a person does them; returns where the stand-in sends
     the browser back to (the callback, with a code or an error)."""
     consent = browser.get(browser.get("/auth/mailchimp").headers["Location"])
-    form = ConsentForm(consent.text)
-    answer = browser.submit(consent, form.action, {**form.fields, "decision": decision})
+    [(action, fields)] = Forms(consent.text).forms.items()
+    answer = browser.submit(consent, action, {**fields, "decision": decision})
     assert answer.status == HTTPStatus.FOUND, answer.text
     return str(answer.headers["Location"])
 
@@ -2288,6 +2380,23 @@ def test_sandbox_refuses_the_secret_after_rotation_and_the_page_says_so(
     page = click(sandboxed, "allow")
     assert page.status == HTTPStatus.BAD_GATEWAY
     assert "invalid_client" in page.text and "rotated" in page.text
+
+
+def test_sandbox_after_a_restart_says_only_what_happened(
+        sandboxed: Browser, stand_in: demo.Sandbox) -> None:
+    assert click(sandboxed, "allow").status == HTTPStatus.SEE_OTHER
+    stand_in._tokens.clear()  # as the stand-in is after the app restarts with --store
+    page = sandboxed.press("/ping")
+    assert page.status == HTTPStatus.BAD_GATEWAY
+    assert html.escape(demo.SANDBOX_RESTARTED, quote=True) in page.text
+    assert "removed the app" not in page.text  # true of Mailchimp, not of the stand-in
+
+
+def test_sandbox_error_pages_lead_back_to_the_app(sandboxed: Browser,
+                                                  stand_in: demo.Sandbox) -> None:
+    page = sandboxed.get(f"{stand_in.url}/oauth2/authorize?response_type=token")
+    assert page.status == HTTPStatus.BAD_REQUEST
+    assert f'<a href="{sandboxed.origin}/">' in page.text
 
 
 def test_sandbox_pages_say_sandbox(sandboxed: Browser) -> None:
