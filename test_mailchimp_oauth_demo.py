@@ -173,8 +173,8 @@ def test_exchange_code_posts_the_five_fields_as_a_form_and_returns_the_token(
 
 
 def test_exchange_code_takes_the_token_reply_mailchimp_sends(mailchimp: FakeMailchimp) -> None:
-    mailchimp.replies[TOKEN_URL] = (200, b'{"access_token": "925680f04933b28f128d721fdf8949fa", '
-                                         b'"expires_in": 0, "scope": null}')  # as in passport's
+    reply = b'{"access_token": "925680f04933b28f128d721fdf8949fa", "expires_in": 0, "scope": null}'
+    mailchimp.replies[TOKEN_URL] = (200, reply)  # as passport-mailchimp's tests have it
     assert demo.exchange_code(mailchimp, CONFIG, CODE) == "925680f04933b28f128d721fdf8949fa"
 
 
