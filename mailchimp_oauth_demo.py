@@ -19,13 +19,13 @@ Then POST /ping uses the kept token again, and POST /disconnect forgets it.
 
 Try it offline, against a stand-in for Mailchimp (the last section of this file):
 
-    python mailchimp_oauth_demo.py --sandbox      # then open http://127.0.0.1:3000
+    python3 mailchimp_oauth_demo.py --sandbox     # then open http://127.0.0.1:3000
 
 Run it for real with the client id and secret from Mailchimp's Registered Apps page,
 where the redirect URI must be registered exactly as the app prints it at start-up:
 
     export MAILCHIMP_CLIENT_ID=... MAILCHIMP_CLIENT_SECRET=...
-    python mailchimp_oauth_demo.py [--port 3000] [--store connections.db] [--quiet]
+    python3 mailchimp_oauth_demo.py [--port 3000] [--store connections.db] [--quiet]
 
 Or use the steps in your own app (the README shows how): authorize_url() for step 2,
 then connect() for steps 3 to 6, or check_callback(), exchange_code(), find_account()

@@ -2218,6 +2218,22 @@ def test_every_python_block_of_the_readme_runs(example: str) -> None:
     exec(compile(example, "README.md", "exec"), {})  # noqa: S102 -- our own README
 
 
+@pytest.mark.skipif(os.name != "posix", reason="the README's command is for a POSIX shell")
+def test_the_readmes_look_inside_command_reads_the_store_and_never_makes_one(
+        tmp_path: Any) -> None:
+    readme = pathlib.Path(MODULE).with_name("README.md").read_text(encoding="utf-8")
+    [command] = re.findall(r'^python3 -c "import sqlite3.*"$', readme, re.MULTILINE)
+
+    def look() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(command, shell=True, cwd=tmp_path, capture_output=True,  # noqa: S602
+                              text=True, timeout=20, check=False, executable="/bin/sh")
+
+    assert look().returncode != 0 and list(tmp_path.iterdir()) == []  # before the app ran
+    with contextlib.closing(demo.Store(str(tmp_path / "connections.db"))) as store:
+        store.save(SESSION_A, CONNECTION)
+    assert SESSION_A in look().stdout
+
+
 def test_the_readmes_login_and_callback_handlers_connect_with_a_scripted_mailchimp(
         mailchimp: FakeMailchimp) -> None:
     [example] = readme_examples()
