@@ -62,6 +62,7 @@ import signal
 import socket
 import socketserver
 import sqlite3
+import ssl
 import stat
 import sys
 import threading
@@ -1058,7 +1059,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
     raw_requestline: bytes
 
     def setup(self) -> None:
-        """http.server's streams, with input under the limits of RequestInput."""
+        """http.server's streams, with input under the limits of RequestInput; with TLS, the
+        handshake first, within the time a request has (plain HTTP here fails it: no page)."""
+        if isinstance(self.request, ssl.SSLSocket):
+            self.request.settimeout(self.server.request_timeout)
+            self.request.do_handshake()  # an SSLError or a timeout: one DEBUG line
         self.connection = self.request
         self.input = RequestInput(self.connection, self.server.request_timeout)
         self.rfile = RequestReader(self.input)
@@ -1223,8 +1228,10 @@ class Server(http.server.ThreadingHTTPServer):
     app: App
 
     def __init__(self, address: tuple[str, int], *, request_timeout: float = 10.0,
-                 max_connections: int = 0, label: str = "") -> None:
+                 max_connections: int = 0, label: str = "",
+                 tls: ssl.SSLContext | None = None) -> None:
         self.host = address[0]
+        self.tls = tls
         self.request_timeout = request_timeout
         self.label = label  # a prefix for its log lines
         self.max_connections = max_connections or connection_cap()
@@ -1236,6 +1243,9 @@ class Server(http.server.ThreadingHTTPServer):
         if ":" in self.host:
             self.address_family = socket.AF_INET6
         super().__init__(address, Handler)
+        if tls:  # each connection's handshake happens in its own thread (Handler.setup)
+            self.socket = tls.wrap_socket(self.socket, server_side=True,
+                                          do_handshake_on_connect=False)
 
     def get_request(self) -> tuple[socket.socket, Any]:
         """Accept a connection if there is room; if not, new ones wait in the backlog (this
@@ -1310,9 +1320,9 @@ class Server(http.server.ThreadingHTTPServer):
 
     @property
     def origin(self) -> str:
-        """http://host:port, with the port actually bound."""
+        """http://host:port (https:// with TLS), with the port actually bound."""
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.server_port}"
+        return f"{'https' if self.tls else 'http'}://{host}:{self.server_port}"
 
 
 def connection_cap() -> int:
@@ -1330,10 +1340,11 @@ def connection_cap() -> int:
 def make_server(config: Config, *, host: str = "127.0.0.1", port: int = 3000,
                 opener: Opener | None = None, store: Store | None = None,
                 logins: PendingLogins | None = None, request_timeout: float = 10.0,
-                max_connections: int = 0, notice: str = "") -> tuple[Server, OAuthDemo]:
+                max_connections: int = 0, notice: str = "",
+                tls: ssl.SSLContext | None = None) -> tuple[Server, OAuthDemo]:
     """Bind (port 0 picks a free port), then build the app for the address actually bound."""
     server = Server((host, port), request_timeout=request_timeout,
-                    max_connections=max_connections)
+                    max_connections=max_connections, tls=tls)
     server.app = app = OAuthDemo(
         replace(config, base_url=config.base_url or server.origin),
         opener=opener or new_opener(),
@@ -1469,6 +1480,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--timeout", type=positive_seconds, default=10.0,
                         help="seconds each call to Mailchimp may take: to connect, for "
                         "each wait for data, and for the whole reply body (default 10)")
+    parser.add_argument("--tls-cert", metavar="FILE",
+                        help="serve HTTPS with this certificate (PEM; with --tls-key)")
+    parser.add_argument("--tls-key", metavar="FILE", help="the certificate's private key (PEM)")
     parser.add_argument("--store", metavar="PATH",
                         help="keep connections in this SQLite database, across restarts "
                         "(default: in memory)")
@@ -1481,6 +1495,22 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.add_argument("--sandbox", action="store_true",
                             help="run against a stand-in for Mailchimp on this machine")
     return parser.parse_args(argv)
+
+
+def tls_context(cert: str | None, key: str | None) -> ssl.SSLContext | None:
+    """--tls-cert and --tls-key (the names of Python 3.14's http.server) as a server's TLS
+    settings, or None for plain HTTP."""
+    if not cert and not key:
+        return None
+    if not (cert and key):
+        raise ConfigError("--tls-cert and --tls-key go together: the certificate and its key")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)  # TLS 1.2 or newer, safe defaults
+    try:
+        context.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as err:
+        raise ConfigError(f"cannot use --tls-cert {cert} with --tls-key {key}: "
+                          f"{err.strerror or err}") from err
+    return context
 
 
 def port_number(text: str) -> int:
@@ -1504,7 +1534,8 @@ def positive_seconds(text: str) -> float:
 
 STOP_SECONDS = 5.0  # how long a stop waits for the requests being answered
 # --sandbox: the section at the end of this file sets it; a copy without that section has none.
-SANDBOX: Callable[[argparse.Namespace, Store], tuple[Server, OAuthDemo]] | None = None
+SANDBOX: Callable[[argparse.Namespace, Store, ssl.SSLContext | None],
+                  tuple[Server, OAuthDemo]] | None = None
 
 
 def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] = os.environ) -> int:
@@ -1556,12 +1587,13 @@ def start(args: argparse.Namespace, environ: Mapping[str, str]) -> tuple[Server,
     if not is_loopback(args.host) and not args.base_url:
         raise ConfigError(f"--host {args.host} is reachable from other machines, so it "
                           "needs --base-url https://...: the address browsers use")
+    tls = tls_context(args.tls_cert, args.tls_key)
     store = Store(args.store) if args.store else Store()
     try:
         if SANDBOX and args.sandbox:
-            return SANDBOX(args, store)
+            return SANDBOX(args, store, tls)
         config = config_from_env(environ, base_url=args.base_url, timeout=args.timeout)
-        return make_server(config, host=args.host, port=args.port, store=store)
+        return make_server(config, host=args.host, port=args.port, store=store, tls=tls)
     except BaseException:
         store.close()
         raise
@@ -1945,21 +1977,22 @@ def start_sandbox() -> Sandbox:
     return sandbox
 
 
-def sandboxed(sandbox: Sandbox, args: argparse.Namespace,
-              store: Store | None = None) -> tuple[Server, OAuthDemo]:
+def sandboxed(sandbox: Sandbox, args: argparse.Namespace, store: Store | None = None,
+              tls: ssl.SSLContext | None = None) -> tuple[Server, OAuthDemo]:
     """--sandbox: the app, pointed at the stand-in just as a user would point it anywhere."""
     config = config_from_env(sandbox.environ(), base_url=args.base_url, timeout=args.timeout)
     no_proxy = new_opener(urllib.request.ProxyHandler({}))  # stay on loopback
     server, app = make_server(config, host=args.host, port=args.port, opener=no_proxy,
-                              store=store, notice=SANDBOX_NOTICE)
+                              store=store, notice=SANDBOX_NOTICE, tls=tls)
     sandbox.redirect_uri = app.config.redirect_uri  # as registering the app with Mailchimp
     app.hints[STEP_PING, HTTPStatus.UNAUTHORIZED] = SANDBOX_RESTARTED  # not "the user removed"
     return server, app
 
 
-def run_sandbox(args: argparse.Namespace, store: Store) -> tuple[Server, OAuthDemo]:
+def run_sandbox(args: argparse.Namespace, store: Store,
+                tls: ssl.SSLContext | None) -> tuple[Server, OAuthDemo]:
     """--sandbox: start the stand-in, then the app pointed at it."""
-    return sandboxed(start_sandbox(), args, store)
+    return sandboxed(start_sandbox(), args, store, tls)
 
 
 SANDBOX = run_sandbox

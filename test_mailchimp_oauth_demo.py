@@ -22,6 +22,7 @@ import select
 import signal
 import socket
 import sqlite3
+import ssl
 import stat
 import struct
 import subprocess
@@ -841,9 +842,9 @@ class Browser:
     keep them), sent with every request but another site's POST (SameSite=Lax), follows
     nothing, one connection a request."""
 
-    def __init__(self, port: int, address: str = "") -> None:
-        self.origin = address or f"http://127.0.0.1:{port}"  # address: as a proxy shows the app
-        self.port = port
+    def __init__(self, port: int, address: str = "", tls: ssl.SSLContext | None = None) -> None:
+        self.origin = address or f"{'https' if tls else 'http'}://127.0.0.1:{port}"  # address:
+        self.port, self.tls = port, tls  # as a TLS proxy in front of the app shows it
         self.cookies: dict[str, str] = {}
 
     def request(self, method: str, target: str, body: bytes | None = None,
@@ -853,7 +854,8 @@ class Browser:
         host, port = ("127.0.0.1", self.port) if origin(url) == self.origin else (
             parts.hostname, parts.port)
         assert host == "127.0.0.1" and port, f"left loopback: {target}"
-        connection = http.client.HTTPConnection(host, port, timeout=10)
+        connection = http.client.HTTPSConnection(host, port, timeout=10, context=self.tls) \
+            if self.tls else http.client.HTTPConnection(host, port, timeout=10)
         sent = dict(headers or {})
         if self.cookies and cookies:
             sent["Cookie"] = "; ".join(f"{name}={value}" for name, value in self.cookies.items())
@@ -1626,6 +1628,82 @@ def test_http_1_0_may_leave_out_host_and_keep_its_connection_alive(server: demo.
             assert len(read_exactly(sock, length)) == length
 
 
+# Made for these tests with `openssl req -x509 -newkey ec ... -subj /CN=127.0.0.1 -addext
+# subjectAltName=IP:127.0.0.1,DNS:localhost -days 36500`: trusted by nothing but these tests.
+CERT_PEM = """-----BEGIN CERTIFICATE-----
+MIIBmzCCAUGgAwIBAgIUIgsbxAi5wncacUk02qiG6+rOn7IwCgYIKoZIzj0EAwIw
+FDESMBAGA1UEAwwJMTI3LjAuMC4xMCAXDTI2MTIwMjAxMjA1MloYDzIxMjYxMTA4
+MDEyMDUyWjAUMRIwEAYDVQQDDAkxMjcuMC4wLjEwWTATBgcqhkjOPQIBBggqhkjO
+PQMBBwNCAATfxWoPAmETQ5IcqKwkBnqsFei7X1yfrV3B43frz6BCsYY06L6sY0Hq
++dJgdMi452b3vr79+mjUi0F5cHpPH3jWo28wbTAdBgNVHQ4EFgQUX9nXbqgL+IaJ
+MDWORXXLkScl1D8wHwYDVR0jBBgwFoAUX9nXbqgL+IaJMDWORXXLkScl1D8wDwYD
+VR0TAQH/BAUwAwEB/zAaBgNVHREEEzARhwR/AAABgglsb2NhbGhvc3QwCgYIKoZI
+zj0EAwIDSAAwRQIgXMrUSUxNFKIVZTYRrWvACUnmf2nk4fl+u4i+Vp6NPZoCIQCD
+IqNx862JklxtF9mCNcOoogO+EufAP0ctbXAg3uFNsg==
+-----END CERTIFICATE-----
+"""
+KEY_PEM = """-----BEGIN PRIVATE KEY-----
+MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQglkZHPuWbvuhN5+Tk
+F6BwaaISbWy8jil3bDjm2B98mp+hRANCAATfxWoPAmETQ5IcqKwkBnqsFei7X1yf
+rV3B43frz6BCsYY06L6sY0Hq+dJgdMi452b3vr79+mjUi0F5cHpPH3jW
+-----END PRIVATE KEY-----
+"""
+
+
+@pytest.fixture
+def certificate(tmp_path: Any) -> tuple[str, str]:
+    (tmp_path / "cert.pem").write_text(CERT_PEM)
+    (tmp_path / "key.pem").write_text(KEY_PEM)
+    return str(tmp_path / "cert.pem"), str(tmp_path / "key.pem")
+
+
+def trusting_our_certificate() -> ssl.SSLContext:
+    """A client's TLS settings, as a browser's after the user trusts the local certificate."""
+    return ssl.create_default_context(cadata=CERT_PEM)
+
+
+def test_with_a_certificate_the_app_speaks_https_with_secure_cookies(
+        mailchimp: FakeMailchimp, certificate: tuple[str, str]) -> None:
+    tls = demo.tls_context(*certificate)
+    server, app = demo.make_server(demo.Config(CLIENT_ID, CLIENT_SECRET), port=0,
+                                   opener=mailchimp, tls=tls)
+    assert app.config.redirect_uri == f"https://127.0.0.1:{server.server_port}{demo.CALLBACK_PATH}"
+    with serving(server):
+        browser = Browser(server.server_port, tls=trusting_our_certificate())
+        login = browser.get("/auth/mailchimp")
+        assert "; Secure" in login.headers["Set-Cookie"]
+        state = login.query()["state"]
+        assert browser.callback(code=CODE, state=state).status == HTTPStatus.SEE_OTHER
+        assert browser.press("/ping").status == HTTPStatus.SEE_OTHER  # its Origin is https://
+        assert "Connected to Mailchimp" in browser.get("/").text
+        assert mailchimp.sent[0].form["redirect_uri"] == [app.config.redirect_uri]
+        answer = raw_exchange(server.server_port, GET)  # plain HTTP to the TLS port
+        assert not answer.startswith(b"HTTP/")  # no page, no cookie
+        assert browser.get("/").status == HTTPStatus.OK
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--tls-cert", "CERT"], "go together"), (["--tls-key", "KEY"], "go together"),
+    (["--tls-cert", "KEY", "--tls-key", "KEY"], "cannot use --tls-cert"),
+    (["--tls-cert", "CERT", "--tls-key", "/nonexistent/key.pem"], "cannot use --tls-cert"),
+])
+def test_tls_options_that_cannot_work_are_one_line_and_exit_status_2(
+        certificate: tuple[str, str], args: list[str], says: str,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    args = [{"CERT": certificate[0], "KEY": certificate[1]}.get(arg, arg) for arg in args]
+    assert demo.main(["--port", "0", *args], environ=ENV) == 2
+    err = capsys.readouterr().err
+    assert says in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_startup_with_tls_prints_https_addresses(certificate: tuple[str, str]) -> None:
+    with running("--port", "0", "--tls-cert", certificate[0], "--tls-key", certificate[1],
+                 env=ENV) as run:
+        assert run.banner[1].split()[-1].startswith("https://127.0.0.1:")
+        assert run.banner[2].split()[-1].startswith("https://127.0.0.1:")
+        assert Browser(run.port, tls=trusting_our_certificate()).get("/").status == HTTPStatus.OK
+
+
 def test_behind_a_tls_proxy_no_host_is_redirected(mailchimp: FakeMailchimp) -> None:
     config = demo.Config(CLIENT_ID, CLIENT_SECRET, base_url="https://demo.example")
     server, _ = demo.make_server(config, port=0, opener=mailchimp)
@@ -2106,7 +2184,7 @@ class Run:
     def port(self) -> int:
         """The port it listens on: the browsers' address's, unless it says another."""
         listening = [line for line in self.banner if line.startswith("  listening on:")]
-        address = re.search(r"http://\S+:(\d+)/", (listening or self.banner[1:2])[0])
+        address = re.search(r"https?://\S+:(\d+)/", (listening or self.banner[1:2])[0])
         assert address, self.banner
         return int(address[1])
 
