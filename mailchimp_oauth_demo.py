@@ -1295,9 +1295,8 @@ class Server(http.server.ThreadingHTTPServer):
             logger.exception("%sbug while serving %s", self.label, client_address[0])
 
     def stop(self, seconds: float) -> bool:
-        """Refuse new connections, give the requests being answered up to seconds to finish,
-        then close the app; whether they all finished."""
-        self.server_close()
+        """After server_close (no new connections): give the requests being answered up to
+        seconds to finish, then close the app; whether they all finished."""
         finished = self.finish_requests(seconds)
         self.app.close()
         return finished
@@ -1560,6 +1559,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] = os.envi
     try:
         server.serve_forever()
     except KeyboardInterrupt:
+        server.server_close()  # new connections are refused from here on
         print("stopping: finishing the requests being answered", flush=True)
         if not server.stop(STOP_SECONDS):
             print(f"requests still unanswered after {STOP_SECONDS:g} s were dropped")

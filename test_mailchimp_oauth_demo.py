@@ -935,6 +935,7 @@ def serving(server: demo.Server) -> Iterator[demo.Server]:
         yield server
     finally:
         server.shutdown()
+        server.server_close()
         server.stop(5)
         thread.join()
 
