@@ -3,8 +3,11 @@ server on a free port with a scripted stand-in for Mailchimp (no network, no moc
 
 from __future__ import annotations
 
+import ast
 import base64
+import builtins
 import contextlib
+import doctest
 import email.message
 import hashlib
 import html
@@ -26,6 +29,7 @@ import ssl
 import stat
 import struct
 import subprocess
+import symtable
 import sys
 import threading
 import time
@@ -2322,11 +2326,74 @@ def test_the_readmes_login_and_callback_handlers_connect_with_a_scripted_mailchi
     session: dict[str, str] = {}
     address = names["start_login"](session)
     state = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(address).query))["state"]
-    with pytest.raises(demo.FlowError):  # someone else's callback: nothing is sent
-        names["finish_login"]({"mailchimp_state": "x" * 43}, "user-1", f"code={CODE}&state={state}")
-    assert mailchimp.sent == []
-    names["finish_login"](session, "user-1", f"code={CODE}&state={state}")
+    other = names["finish_login"]({"mailchimp_state": "x" * 43}, "user-1",
+                                  f"code={CODE}&state={state}")  # someone else's callback
+    assert other[0] == HTTPStatus.BAD_REQUEST and mailchimp.sent == []  # nothing was sent
+    assert names["finish_login"](session, "user-1", f"code={CODE}&state={state}") == (
+        HTTPStatus.SEE_OTHER, "Connected.")
     assert names["database"] == {"user-1": (TOKEN, "us19")} and session == {}
+
+
+def the_steps(path: Any) -> Any:
+    """The module as the README says to copy only the steps: all above "# End of the steps"."""
+    lines = pathlib.Path(MODULE).read_text(encoding="utf-8").splitlines(keepends=True)
+    end = next(n for n, line in enumerate(lines) if line.startswith("# End of the steps"))
+    path.write_text("".join(lines[:end]), encoding="utf-8")
+    return path
+
+
+def unused_and_undefined(source: str) -> tuple[set[str], set[str]]:
+    """The names a module imports but never uses, and those it uses but never defines: in
+    its code (as the compiler sees it) and in its annotations (as a type checker does)."""
+    table = symtable.symtable(source, "module", "exec")
+    defined = {symbol.get_name() for symbol in table.get_symbols()
+               if symbol.is_assigned() or symbol.is_imported()} | set(dir(builtins))
+    imported = {symbol.get_name() for symbol in table.get_symbols() if symbol.is_imported()}
+    tree = ast.parse(source)
+    annotations = [node.annotation for node in ast.walk(tree)
+                   if isinstance(node, (ast.arg, ast.AnnAssign)) and node.annotation] + [
+        node.returns for node in ast.walk(tree)
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.returns]
+    in_annotations = {name.id for annotation in annotations for name in ast.walk(annotation)
+                      if isinstance(name, ast.Name)}
+    in_code: set[str] = set()
+
+    def visit(scope: symtable.SymbolTable) -> None:
+        in_code.update(symbol.get_name() for symbol in scope.get_symbols()
+                       if symbol.is_referenced() and (scope is table or symbol.is_global()))
+        for child in scope.get_children():
+            visit(child)
+
+    visit(table)
+    used = in_code | in_annotations
+    return imported - used - {"annotations"}, used - defined
+
+
+def test_the_steps_copied_alone_import_what_they_use_and_need_nothing_below_them(
+        tmp_path: Any, mailchimp: FakeMailchimp, monkeypatch: pytest.MonkeyPatch) -> None:
+    steps = the_steps(tmp_path / "mailchimp_oauth_demo.py")
+    source = steps.read_text(encoding="utf-8")
+    assert unused_and_undefined(source) == (set(), set())
+    spec = importlib.util.spec_from_file_location("mailchimp_oauth_demo", steps)
+    assert spec is not None and spec.loader is not None
+    copied = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "mailchimp_oauth_demo", copied)  # the README imports it
+    spec.loader.exec_module(copied)
+    assert set(copied.__all__) <= set(vars(copied))
+    assert doctest.testmod(copied).failed == 0
+    [example] = readme_examples()
+    names: dict[str, Any] = {}
+    exec(compile(example, "README.md", "exec"), names)  # noqa: S102 -- our own README
+    names["opener"] = mailchimp
+    session: dict[str, str] = {}
+    state = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(
+        names["start_login"](session)).query))["state"]
+    assert names["finish_login"](session, "user-1", f"code={CODE}&state={state}")[0] == 303
+    assert names["database"] == {"user-1": (TOKEN, "us19")}
+
+
+def test_the_module_docstrings_example_runs() -> None:
+    assert doctest.testmod(demo).attempted >= 4 and doctest.testmod(demo).failed == 0
 
 
 def test_the_copy_recipe_leaves_a_module_that_runs_and_logs_in_without_the_sandbox(
