@@ -118,6 +118,53 @@ def mailchimp() -> FakeMailchimp:
 
 
 # ---------------------------------------------------------------------------
+# Configuration
+# ---------------------------------------------------------------------------
+
+def test_a_config_without_its_own_address_sends_no_relative_redirect_uri() -> None:
+    with pytest.raises(demo.ConfigError, match="base_url"):
+        demo.authorize_url(demo.Config(CLIENT_ID, CLIENT_SECRET), "the-state")
+
+
+@pytest.mark.parametrize("base_url, says", [
+    ("127.0.0.1:3000", "must look like"), ("javascript:alert(1)", "must look like"),
+    ("https://user@demo.example", "must look like"), ("http://127.0.0.1:99999", "must look like"),
+    ("http://127.0.0.1:3000/app", "has a path"), ("http://127.0.0.1:3000/?x", "has a query"),
+    ("http://127.0.0.1:3000#top", "has a fragment"),
+    ("http://example.com", "plain text"), ("http://192.168.1.5:3000", "plain text"),
+])
+def test_config_refuses_a_base_url_that_is_not_a_safe_origin(base_url: str, says: str) -> None:
+    with pytest.raises(demo.ConfigError, match=f"--base-url '{re.escape(base_url)}' .*{says}"):
+        demo.config_from_env(ENV, base_url=base_url)
+
+
+@pytest.mark.parametrize("base_url, origin", [
+    ("https://Example.COM:443/", "https://example.com"), ("http://LOCALHOST:80", "http://localhost"),
+    ("http://[::1]:3000", "http://[::1]:3000"), ("https://demo.example:8443", "https://demo.example:8443"),
+])
+def test_config_writes_the_base_url_as_browsers_write_origins(base_url: str, origin: str) -> None:
+    config = demo.config_from_env(ENV, base_url=base_url)
+    assert (config.base_url, config.redirect_uri) == (origin, origin + demo.CALLBACK_PATH)
+
+
+def test_config_never_shows_the_secret_in_its_repr() -> None:
+    assert CLIENT_SECRET not in repr(CONFIG)
+
+
+@pytest.mark.parametrize("field, url, says", [
+    ("login_url", "http://login.example.com", "must use https://"),
+    ("login_url", "https://user@login.example.com", "nothing else"),
+    ("api_url", "https://api.example/3.0", "must contain {dc}"),
+    ("api_url", "http://{dc}.example/3.0", "must use https://"),
+])
+def test_config_refuses_a_mailchimp_url_it_would_not_send_secrets_to(
+        field: str, url: str, says: str) -> None:
+    with pytest.raises(demo.ConfigError, match=re.escape(says)) as refused:
+        replace(CONFIG, **{field: url})  # type: ignore[arg-type]
+    assert str(refused.value).startswith(field)  # named as Config names it
+
+
+# ---------------------------------------------------------------------------
 # The flow: steps 2 to 6, with a scripted Mailchimp
 # ---------------------------------------------------------------------------
 
@@ -130,11 +177,6 @@ def test_authorize_url_carries_exactly_the_four_parameters_and_no_scope() -> Non
         "response_type": ["code"], "client_id": [CLIENT_ID],
         "redirect_uri": ["http://127.0.0.1:3000/oauth/mailchimp/callback"],
         "state": ["the-state"]}
-
-
-def test_a_config_without_its_own_address_sends_no_relative_redirect_uri() -> None:
-    with pytest.raises(demo.ConfigError, match="base_url"):
-        demo.authorize_url(demo.Config(CLIENT_ID, CLIENT_SECRET), "the-state")
 
 
 STATE = "s" * 43
@@ -281,6 +323,8 @@ def test_connect_runs_steps_3_to_6_in_order(mailchimp: FakeMailchimp) -> None:
             connection.health_status) == (TOKEN, "us19", "Freddie's Jokes",
                                           "Everything's Chimpy!")
     assert mailchimp.urls() == [TOKEN_URL, METADATA_URL, PING_URL]
+    for sent in mailchimp.sent[1:]:  # metadata and ping carry the token, and nothing else secret
+        assert CLIENT_SECRET not in str(sent) and CODE not in str(sent)
 
 
 def test_connect_sends_nothing_for_a_callback_it_cannot_trust(mailchimp: FakeMailchimp) -> None:
@@ -435,7 +479,73 @@ def test_a_reply_trickling_in_is_cut_off_at_the_timeout_with_a_504() -> None:
 
 
 # ---------------------------------------------------------------------------
-# Logins in progress
+# End of the steps: they stand alone
+# ---------------------------------------------------------------------------
+
+def the_steps(path: Any) -> Any:
+    """The module as the README says to copy only the steps: all above "# End of the steps"."""
+    lines = pathlib.Path(MODULE).read_text(encoding="utf-8").splitlines(keepends=True)
+    end = next(n for n, line in enumerate(lines) if line.startswith("# End of the steps"))
+    path.write_text("".join(lines[:end]), encoding="utf-8")
+    return path
+
+
+def unused_and_undefined(source: str) -> tuple[set[str], set[str]]:
+    """The names a module imports but never uses, and those it uses but never defines: in
+    its code (as the compiler sees it) and in its annotations (as a type checker does)."""
+    table = symtable.symtable(source, "module", "exec")
+    defined = {symbol.get_name() for symbol in table.get_symbols()
+               if symbol.is_assigned() or symbol.is_imported()} | set(dir(builtins))
+    imported = {symbol.get_name() for symbol in table.get_symbols() if symbol.is_imported()}
+    tree = ast.parse(source)
+    annotations = [node.annotation for node in ast.walk(tree)
+                   if isinstance(node, (ast.arg, ast.AnnAssign)) and node.annotation] + [
+        node.returns for node in ast.walk(tree)
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.returns]
+    in_annotations = {name.id for annotation in annotations for name in ast.walk(annotation)
+                      if isinstance(name, ast.Name)}
+    in_code: set[str] = set()
+
+    def visit(scope: symtable.SymbolTable) -> None:
+        in_code.update(symbol.get_name() for symbol in scope.get_symbols()
+                       if symbol.is_referenced() and (scope is table or symbol.is_global()))
+        for child in scope.get_children():
+            visit(child)
+
+    visit(table)
+    used = in_code | in_annotations
+    return imported - used - {"annotations"}, used - defined
+
+
+def test_the_steps_copied_alone_import_what_they_use_and_need_nothing_below_them(
+        tmp_path: Any, mailchimp: FakeMailchimp, monkeypatch: pytest.MonkeyPatch) -> None:
+    steps = the_steps(tmp_path / "mailchimp_oauth_demo.py")
+    source = steps.read_text(encoding="utf-8")
+    assert unused_and_undefined(source) == (set(), set())
+    spec = importlib.util.spec_from_file_location("mailchimp_oauth_demo", steps)
+    assert spec is not None and spec.loader is not None
+    copied = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "mailchimp_oauth_demo", copied)  # the README imports it
+    spec.loader.exec_module(copied)
+    assert set(copied.__all__) <= set(vars(copied))
+    assert doctest.testmod(copied).failed == 0
+    [example] = readme_examples()
+    names: dict[str, Any] = {}
+    exec(compile(example, "README.md", "exec"), names)  # noqa: S102 -- our own README
+    names["opener"] = mailchimp
+    session: dict[str, str] = {}
+    state = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(
+        names["start_login"](session)).query))["state"]
+    assert names["finish_login"](session, "user-1", f"code={CODE}&state={state}")[0] == 303
+    assert names["database"] == {"user-1": (TOKEN, "us19")}
+
+
+def test_the_module_docstrings_example_runs() -> None:
+    assert doctest.testmod(demo).attempted >= 4 and doctest.testmod(demo).failed == 0
+
+
+# ---------------------------------------------------------------------------
+# The app: logins in progress
 # ---------------------------------------------------------------------------
 
 class Clock:
@@ -495,7 +605,674 @@ def test_pending_logins_stay_bounded_dropping_the_oldest() -> None:
 
 
 # ---------------------------------------------------------------------------
-# Keeping connections
+# The app, on the real server on a free port, with a scripted Mailchimp
+# ---------------------------------------------------------------------------
+
+@dataclass
+class Page:
+    status: int
+    headers: email.message.Message
+    text: str
+    url: str
+
+    def query(self) -> dict[str, str]:
+        location = self.headers["Location"]
+        return dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(location).query))
+
+
+def origin(url: str) -> str:
+    parts = urllib.parse.urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}"
+
+
+def form_origin(page: Page, target: str) -> str:
+    """The Origin a browser sends with a form POST from page to target, as the page's own
+    Referrer-Policy decides (Fetch standard, "append a request Origin header")."""
+    policy = page.headers.get("Referrer-Policy", "strict-origin-when-cross-origin")
+    downgrade = page.url.startswith("https:") and target.startswith("http:")
+    if policy == "no-referrer" or (policy == "same-origin" and origin(page.url) != origin(target)) \
+            or (downgrade and policy in ("strict-origin", "strict-origin-when-cross-origin",
+                                         "no-referrer-when-downgrade")):
+        return "null"
+    return origin(page.url)
+
+
+def fetch_site(page_url: str, target: str) -> str:
+    """Sec-Fetch-Site for a request from page_url to target (a site ignores the port)."""
+    if origin(page_url) == origin(target):
+        return "same-origin"
+    here, there = urllib.parse.urlsplit(page_url), urllib.parse.urlsplit(target)
+    same_site = (here.scheme, here.hostname) == (there.scheme, there.hostname)
+    return "same-site" if same_site else "cross-site"
+
+
+def foreign_page(url: str, referrer_policy: str = "") -> Page:
+    """A page of another site, with a form that posts to the app."""
+    headers = email.message.Message()
+    if referrer_policy:
+        headers["Referrer-Policy"] = referrer_policy
+    return Page(HTTPStatus.OK, headers, "", url)
+
+
+class Forms(html.parser.HTMLParser):
+    """A page's forms, as a browser submits them: action -> hidden fields."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.forms: dict[str, dict[str, str]] = {}
+        self.action = ""
+        self.feed(text)
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        named = dict(attrs)
+        if tag == "form":
+            self.action = named["action"] or ""
+            self.forms[self.action] = {}
+        if tag == "input" and named.get("type") == "hidden":
+            self.forms[self.action][named["name"] or ""] = named["value"] or ""
+
+
+class Browser:
+    """Just enough of a browser: one cookie jar for 127.0.0.1 (whatever the port, as browsers
+    keep them), sent with every request but another site's POST (SameSite=Lax), follows
+    nothing, one connection a request."""
+
+    def __init__(self, port: int, address: str = "", tls: ssl.SSLContext | None = None) -> None:
+        self.origin = address or f"{'https' if tls else 'http'}://127.0.0.1:{port}"  # address:
+        self.port, self.tls = port, tls  # as a TLS proxy in front of the app shows it
+        self.cookies: dict[str, str] = {}
+
+    def request(self, method: str, target: str, body: bytes | None = None,
+                headers: dict[str, str] | None = None, cookies: bool = True) -> Page:
+        url = urllib.parse.urljoin(self.origin, target)
+        parts = urllib.parse.urlsplit(url)
+        host, port = ("127.0.0.1", self.port) if origin(url) == self.origin else (
+            parts.hostname, parts.port)
+        assert host == "127.0.0.1" and port, f"left loopback: {target}"
+        connection = http.client.HTTPSConnection(host, port, timeout=10, context=self.tls) \
+            if self.tls else http.client.HTTPConnection(host, port, timeout=10)
+        sent = dict(headers or {})
+        if self.cookies and cookies:
+            sent["Cookie"] = "; ".join(f"{name}={value}" for name, value in self.cookies.items())
+        connection.request(method, parts.path + (f"?{parts.query}" if parts.query else ""),
+                           body=body, headers=sent)
+        response = connection.getresponse()
+        text = response.read().decode()
+        connection.close()
+        for cookie in response.headers.get_all("Set-Cookie") or []:
+            name, _, rest = cookie.partition("=")
+            self.cookies[name] = rest.split(";")[0]
+            if "; Max-Age=0" in cookie:
+                del self.cookies[name]
+        return Page(response.status, response.headers, text, url)
+
+    def get(self, target: str, **headers: str) -> Page:
+        return self.request("GET", target, headers=headers)
+
+    def submit(self, page: Page, action: str, fields: dict[str, str] | None = None, *,
+               sends: str = "everything") -> Page:
+        """Press a button on page whose form posts to action, with the headers a browser
+        sends: "everything" as Chromium, Firefox and Safari 16.4+ do, "origin" as older
+        Safari (no Sec-Fetch-*), "nothing" as browsers older still."""
+        target = urllib.parse.urljoin(page.url, action)
+        headers = {"Content-Type": "application/x-www-form-urlencoded"}
+        if sends in ("everything", "origin"):
+            headers["Origin"] = form_origin(page, target)
+        if sends == "everything":
+            headers.update({"Sec-Fetch-Site": fetch_site(page.url, target),
+                            "Sec-Fetch-Mode": "navigate", "Sec-Fetch-Dest": "document",
+                            "Sec-Fetch-User": "?1"})
+        cross_site = fetch_site(page.url, target) == "cross-site"  # Lax: the cookie stays home
+        return self.request("POST", target, urllib.parse.urlencode(fields or {}).encode(),
+                            headers, cookies=not cross_site)
+
+    def press(self, action: str, sends: str = "everything") -> Page:
+        """Open the start page and press its button for action (Ping again, Disconnect)."""
+        page = self.get("/")
+        forms = Forms(page.text).forms
+        assert action in forms, "no such button"
+        return self.submit(page, action, forms[action], sends=sends)
+
+    def follow(self, page: Page) -> Page:
+        """Where a redirect leads, as a browser goes there: a GET."""
+        assert page.status in (HTTPStatus.FOUND, HTTPStatus.SEE_OTHER), page.status
+        return self.get(page.headers["Location"])
+
+    def start_login(self) -> str:
+        """Step 2, as the browser sees it; returns the state Mailchimp would send back."""
+        return self.get("/auth/mailchimp").query()["state"]
+
+    def callback(self, **params: str) -> Page:
+        return self.get(f"{demo.CALLBACK_PATH}?{urllib.parse.urlencode(params)}")
+
+    def connect(self) -> Page:
+        """Steps 2 to 7 with Mailchimp approving."""
+        return self.callback(code=CODE, state=self.start_login())
+
+
+def post_form(url: str, fields: dict[str, str]) -> Page:
+    """A server-to-server form POST, as the app's token request is."""
+    return Browser(0).request("POST", url, urllib.parse.urlencode(fields).encode(),
+                              {"Content-Type": "application/x-www-form-urlencoded"})
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@contextlib.contextmanager
+def serving(server: demo.Server) -> Iterator[demo.Server]:
+    """Run a server in a thread for the length of a test."""
+    thread = threading.Thread(target=server.serve_forever, args=(0.01,), daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+        server.stop(5)
+        thread.join()
+
+
+@pytest.fixture
+def server(mailchimp: FakeMailchimp, clock: Clock) -> Iterator[demo.Server]:
+    config = demo.Config(client_id=CLIENT_ID, client_secret=CLIENT_SECRET)
+    server, _ = demo.make_server(config, port=0, opener=mailchimp, request_timeout=0.5,
+                                 logins=demo.PendingLogins(clock=clock))
+    with serving(server):
+        yield server
+
+
+@pytest.fixture
+def browser(server: demo.Server) -> Browser:
+    return Browser(server.server_port)
+
+
+def warnings_in(log: pytest.LogCaptureFixture) -> list[str]:
+    return [record.getMessage() for record in log.records if record.levelno == logging.WARNING]
+
+
+@pytest.fixture
+def log(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
+    caplog.set_level(logging.DEBUG, logger="mailchimp_oauth_demo")
+    return caplog
+
+
+def redirect_uri(server: demo.Server) -> str:
+    return f"http://127.0.0.1:{server.server_port}{demo.CALLBACK_PATH}"
+
+
+def test_index_links_to_the_login(browser: Browser) -> None:
+    page = browser.get("/")
+    assert page.status == HTTPStatus.OK
+    assert 'href="/auth/mailchimp"' in page.text
+
+
+def test_login_redirects_to_mailchimp_with_a_state_bound_to_a_session_cookie(
+        browser: Browser, server: demo.Server) -> None:
+    page = browser.get("/auth/mailchimp")
+    assert page.status == HTTPStatus.FOUND
+    assert page.headers["Location"].startswith("https://login.mailchimp.com/oauth2/authorize?")
+    assert page.query()["redirect_uri"] == redirect_uri(server)
+    assert len(page.query()["state"]) >= 43  # 256 bits, url-safe base64
+    cookie = page.headers["Set-Cookie"]
+    assert cookie.startswith(demo.SESSION_COOKIE + "=")
+    assert "; HttpOnly" in cookie and "; SameSite=Lax" in cookie
+
+
+def test_the_whole_flow_connects_and_shows_the_result(
+        browser: Browser, server: demo.Server, mailchimp: FakeMailchimp) -> None:
+    page = browser.connect()
+    assert (page.status, page.headers["Location"]) == (HTTPStatus.SEE_OTHER, "/")
+    assert CODE not in page.headers["Location"]  # RFC 6749 §3.1.2.5: the code leaves the URL
+    result = browser.get("/")
+    assert "Freddie&#x27;s Jokes" in result.text and "us19" in result.text
+    assert "Everything&#x27;s Chimpy!" in result.text
+    assert demo.mask(TOKEN) in result.text and TOKEN not in result.text
+    assert mailchimp.urls() == [TOKEN_URL, METADATA_URL, PING_URL]
+
+
+def test_the_server_sends_its_own_redirect_uri_and_the_browsers_code(
+        browser: Browser, server: demo.Server, mailchimp: FakeMailchimp) -> None:
+    browser.connect()  # port 0: the address the server really bound, as in steps 2 and 4
+    assert mailchimp.sent[0].form["redirect_uri"] == [redirect_uri(server)]
+    assert mailchimp.sent[0].form["code"] == [CODE]
+
+
+def test_another_browser_sees_the_start_page_not_the_connection(
+        browser: Browser, server: demo.Server) -> None:
+    browser.connect()
+    stranger = Browser(server.server_port)
+    assert "Connect with Mailchimp" in stranger.get("/").text
+
+
+def test_two_tabs_started_in_one_browser_both_connect(browser: Browser) -> None:
+    first, second = browser.start_login(), browser.start_login()
+    assert browser.callback(code=CODE, state=second).status == HTTPStatus.SEE_OTHER
+    assert browser.callback(code=CODE, state=first).status == HTTPStatus.SEE_OTHER
+
+
+def test_login_rotates_the_session_cookie(browser: Browser, server: demo.Server) -> None:
+    browser.start_login()
+    before = dict(browser.cookies)
+    browser.connect()
+    assert browser.cookies[demo.SESSION_COOKIE] != before[demo.SESSION_COOKIE]
+    planted = Browser(server.server_port)  # whoever knew the old id
+    planted.cookies = before
+    assert "Connect with Mailchimp" in planted.get("/").text
+
+
+def test_the_session_cookie_is_secure_when_the_app_is_served_over_https(
+        mailchimp: FakeMailchimp) -> None:
+    config = demo.Config(CLIENT_ID, CLIENT_SECRET, base_url="https://demo.example")
+    server, _ = demo.make_server(config, port=0, opener=mailchimp)
+    with serving(server):
+        cookie = Browser(server.server_port).get("/auth/mailchimp").headers["Set-Cookie"]
+    assert cookie.endswith("; Secure")
+
+
+def test_the_session_cookie_is_not_secure_on_plain_http(browser: Browser) -> None:
+    assert "Secure" not in browser.get("/auth/mailchimp").headers["Set-Cookie"]
+
+
+def test_the_connected_page_offers_ping_again_and_disconnect_as_buttons(
+        browser: Browser) -> None:
+    browser.connect()
+    page = browser.get("/")
+    forms = Forms(page.text).forms
+    assert forms == {"/ping": {"do": "ping"}, "/disconnect": {"do": "disconnect"}}  # lynx
+    # sends a form without fields as a GET: with one, it posts it as every browser does
+    assert "Last ping</dt><dd>" in page.text and "<code>us19</code>" in page.text
+
+
+def test_ping_again_uses_the_kept_token_and_the_page_shows_the_fresh_result(
+        browser: Browser, mailchimp: FakeMailchimp) -> None:
+    browser.connect()
+    mailchimp.sent.clear()
+    mailchimp.replies[PING_URL] = (200, {"health_status": "Still Chimpy"})
+    page = browser.press("/ping")
+    assert (page.status, page.headers["Location"]) == (HTTPStatus.SEE_OTHER, "/")
+    assert [(sent.url, sent.headers["Authorization"]) for sent in mailchimp.sent] == [
+        (PING_URL, f"Bearer {TOKEN}")]
+    assert ": Still Chimpy</dd>" in browser.get("/").text
+
+
+def test_ping_again_after_the_user_revoked_access_says_so_and_forgets_the_token(
+        browser: Browser, mailchimp: FakeMailchimp) -> None:
+    browser.connect()
+    mailchimp.replies[PING_URL] = (401, {"title": "API Key Invalid", "detail": "Revoked."})
+    page = browser.press("/ping")
+    assert page.status == HTTPStatus.BAD_GATEWAY
+    assert "removed the app" in page.text and "forgotten" in page.text
+    assert "Connect with Mailchimp" in browser.get("/").text
+
+
+def test_ping_again_that_fails_otherwise_keeps_the_connection(
+        browser: Browser, mailchimp: FakeMailchimp) -> None:
+    browser.connect()
+    mailchimp.replies[PING_URL] = (503, {"title": "Service Unavailable"})
+    assert browser.press("/ping").status == HTTPStatus.BAD_GATEWAY
+    assert "Connected to Mailchimp" in browser.get("/").text
+
+
+def test_ping_again_without_a_connection_goes_to_the_start_page(
+        browser: Browser, mailchimp: FakeMailchimp) -> None:
+    page = browser.submit(browser.get("/"), "/ping")
+    assert (page.status, page.headers["Location"]) == (HTTPStatus.SEE_OTHER, "/")
+    assert mailchimp.sent == []
+
+
+def test_disconnect_forgets_the_connection_and_explains_revoking(
+        browser: Browser, mailchimp: FakeMailchimp) -> None:
+    browser.connect()
+    sent = len(mailchimp.sent)
+    pressed = browser.press("/disconnect")
+    assert (pressed.status, pressed.headers["Location"]) == (HTTPStatus.SEE_OTHER,
+                                                             "/disconnected")  # reloads: GET
+    assert "Max-Age=0" in pressed.headers["Set-Cookie"]
+    page = browser.follow(pressed)
+    assert page.status == HTTPStatus.OK and "remove the app in your Mailchimp account" in page.text
+    assert "Connect with Mailchimp" in browser.get("/").text
+    assert len(mailchimp.sent) == sent  # nothing to tell Mailchimp: it has no revocation
+
+
+def test_our_pages_let_the_browser_send_our_origin_with_their_forms(browser: Browser) -> None:
+    page = browser.get("/")  # the Origin follows from the page's own Referrer-Policy
+    assert form_origin(page, f"{browser.origin}/disconnect") == browser.origin
+    assert form_origin(page, "https://other.example/") == "null"  # and nothing for others
+
+
+@pytest.mark.parametrize("action", ["/ping", "/disconnect"])
+@pytest.mark.parametrize("sends", ["everything", "origin", "nothing"])
+def test_the_buttons_work_in_every_browser(browser: Browser, mailchimp: FakeMailchimp,
+                                           action: str, sends: str) -> None:
+    browser.connect()
+    mailchimp.replies[PING_URL] = (200, {"health_status": "Pinged again"})
+    assert browser.press(action, sends=sends).status == HTTPStatus.SEE_OTHER
+    after = browser.get("/").text
+    assert ("Pinged again" in after) if action == "/ping" else ("Connect with" in after)
+
+
+@pytest.mark.parametrize("action", ["/ping", "/disconnect"])
+@pytest.mark.parametrize("url, policy, sends", [
+    ("http://127.0.0.1:9999/", "", "everything"),  # same site, other port: SameSite lets it by
+    ("https://evil.example/", "", "everything"),
+    ("http://evil.example/", "", "origin"),  # a browser without Sec-Fetch-*
+    ("http://evil.example/", "no-referrer", "origin"),  # Origin: null
+    ("http://evil.example/", "no-referrer", "everything"),
+])
+def test_the_buttons_pressed_on_another_site_change_nothing(
+        browser: Browser, mailchimp: FakeMailchimp, action: str, url: str, policy: str,
+        sends: str) -> None:
+    browser.connect()
+    sent = len(mailchimp.sent)
+    page = browser.submit(foreign_page(url, policy), urllib.parse.urljoin(browser.origin, action),
+                          sends=sends)
+    assert page.status == HTTPStatus.FORBIDDEN and "another site" in page.text
+    assert "Connected to Mailchimp" in browser.get("/").text
+    assert len(mailchimp.sent) == sent  # and nothing went to Mailchimp
+
+
+@pytest.mark.parametrize("origin, fetch_site", [
+    ("http://127.0.0.1:3000", "cross-site"),  # Sec-Fetch-Site alone says no ...
+    ("", "same-site"),  # ... and here too, where no Origin came
+    ("http://127.0.0.1:3001", ""),  # Origin alone says no
+    ("null", "same-origin"),
+])
+def test_each_half_of_the_same_origin_check_refuses_on_its_own(
+        open_store: Callable[..., demo.Store], origin: str, fetch_site: str) -> None:
+    app = demo.OAuthDemo(CONFIG, opener=FakeMailchimp(), store=open_store(),
+                         logins=demo.PendingLogins())
+    visit = demo.Visit("/ping", origin=origin, fetch_site=fetch_site)
+    assert flow_error(app.check_same_origin, visit, "ping again").status == HTTPStatus.FORBIDDEN
+
+
+@pytest.mark.parametrize("action", ["/ping", "/disconnect"])
+def test_get_on_a_button_changes_nothing(browser: Browser, mailchimp: FakeMailchimp,
+                                         action: str) -> None:
+    browser.connect()
+    sent = len(mailchimp.sent)
+    page = browser.get(action)
+    assert (page.status, page.headers["Allow"]) == (HTTPStatus.METHOD_NOT_ALLOWED, "POST")
+    assert "Connected to Mailchimp" in browser.get("/").text and len(mailchimp.sent) == sent
+
+
+def test_a_restart_with_the_same_store_keeps_the_user_connected(
+        mailchimp: FakeMailchimp, tmp_path: Any, log: pytest.LogCaptureFixture) -> None:
+    path = str(tmp_path / "store.db")
+    config = demo.Config(CLIENT_ID, CLIENT_SECRET)
+    first, _ = demo.make_server(config, port=0, opener=mailchimp, store=demo.Store(path))
+    with serving(first):
+        browser = Browser(first.server_port)
+        browser.connect()
+    assert f"kept its token and server prefix in {path}," in log.text
+    second, _ = demo.make_server(config, port=0, opener=mailchimp, store=demo.Store(path))
+    with serving(second):
+        browser.origin, browser.port = second.origin, second.server_port
+        assert "Freddie&#x27;s Jokes" in browser.get("/").text
+        assert browser.press("/ping").status == HTTPStatus.SEE_OTHER
+
+
+def test_parallel_logins_are_all_kept(mailchimp: FakeMailchimp, tmp_path: Any) -> None:
+    server, _ = demo.make_server(CONFIG, port=0, opener=mailchimp,
+                                 store=demo.Store(str(tmp_path / "store.db")))
+    with serving(server):
+        browsers = [Browser(server.server_port) for _ in range(20)]
+        threads = [threading.Thread(target=browser.connect) for browser in browsers]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert all("Connected to Mailchimp" in browser.get("/").text for browser in browsers)
+    assert len(rows(tmp_path / "store.db")) == 20
+
+
+def test_a_store_locked_too_long_gives_503_keeps_nothing_and_the_server_lives_on(
+        mailchimp: FakeMailchimp, tmp_path: Any, log: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "store.db"
+    server, _ = demo.make_server(CONFIG, port=0, opener=mailchimp,
+                                 store=demo.Store(str(path), busy_timeout=0.05))
+    with serving(server):
+        browser = Browser(server.server_port)
+        with locked(path):
+            page = browser.connect()
+        assert page.status == HTTPStatus.SERVICE_UNAVAILABLE
+        assert "keeping the connection" in page.text and "locked" in page.text
+        assert "Connect with Mailchimp" in browser.get("/").text
+    assert rows(path) == []
+    assert any("-> 503 Step 7" in record.getMessage() for record in log.records)
+
+
+# --- step 3: the callback is checked before anything goes upstream ---------
+
+@pytest.mark.parametrize("params", [{"code": CODE}, {"code": CODE, "state": "x" * 43},
+                                    {"state": "THE STATE"}])
+def test_a_callback_the_steps_refuse_gets_its_page_and_sends_nothing_upstream(
+        browser: Browser, mailchimp: FakeMailchimp, params: dict[str, str]) -> None:
+    state = browser.start_login()
+    page = browser.callback(**{name: value.replace("THE STATE", state)
+                               for name, value in params.items()})
+    assert page.status == HTTPStatus.BAD_REQUEST and "Step 3 (callback) failed" in page.text
+    assert mailchimp.sent == []
+
+
+def test_a_state_works_once_in_its_own_browser_within_its_lifetime(
+        browser: Browser, server: demo.Server, mailchimp: FakeMailchimp, clock: Clock) -> None:
+    state = browser.start_login()
+    attacker = Browser(server.server_port)
+    attacker.start_login()  # has a session of its own, just not the one this state belongs to
+    assert attacker.callback(code=CODE, state=state).status == HTTPStatus.BAD_REQUEST
+    assert Browser(server.server_port).callback(code=CODE, state=state).status == 400
+    assert mailchimp.sent == []
+    assert browser.callback(code=CODE, state=state).status == HTTPStatus.SEE_OTHER
+    assert browser.callback(code=CODE, state=state).status == HTTPStatus.BAD_REQUEST  # replayed
+    late = browser.start_login()
+    clock.now += demo.LOGIN_LIFETIME + 1
+    assert browser.callback(code=CODE, state=late).status == HTTPStatus.BAD_REQUEST
+    assert len(mailchimp.sent) == 3  # one flow's worth
+
+
+def test_deny_shows_a_friendly_page_with_mailchimps_words_escaped(
+        browser: Browser, mailchimp: FakeMailchimp) -> None:
+    page = browser.callback(state=browser.start_login(), error="access_denied",
+                            error_description=f"User said no {SCRIPT}")
+    assert page.status == HTTPStatus.FORBIDDEN
+    assert heading_and_status(page) == ("Access not granted", "403 Forbidden")
+    assert "Access was not granted" in page.text
+    assert "&lt;script&gt;" in page.text and SCRIPT not in page.text
+    assert mailchimp.sent == []
+
+
+def heading_and_status(page: Page) -> tuple[str, str]:
+    """What a problem page says first, and the status it shows beneath, smaller."""
+    [heading] = re.findall(r"<h1>(.*?)</h1>", page.text)
+    [status] = re.findall(r'<p class="status">(.*?)</p>', page.text)
+    return heading, status
+
+
+def test_an_authorization_error_other_than_deny_names_the_setting_as_the_user_sets_it(
+        browser: Browser, mailchimp: FakeMailchimp) -> None:
+    page = browser.callback(state=browser.start_login(), error="unauthorized_client")
+    assert page.status == HTTPStatus.BAD_GATEWAY and "unauthorized_client" in page.text
+    assert "MAILCHIMP_CLIENT_ID" in page.text and "Config.client_id" not in page.text
+    assert mailchimp.sent == []
+
+
+# --- steps 4 to 6: every way Mailchimp's reply can be unusable --------------
+
+@pytest.mark.parametrize("scripted", [
+    (401, {"error": "invalid_client", "error_description": f"Client auth failed {SCRIPT}"}),
+    (500, b"<html><h1>Internal Server Error</h1>" + SCRIPT.encode() + b"</html>"),
+])
+def test_unusable_token_reply_gives_502_and_stops_the_flow(
+        browser: Browser, mailchimp: FakeMailchimp, scripted: tuple[int, Any]) -> None:
+    mailchimp.replies[TOKEN_URL] = scripted
+    page = browser.connect()
+    assert page.status == HTTPStatus.BAD_GATEWAY and "Step 4 (token exchange)" in page.text
+    assert SCRIPT not in page.text
+    assert mailchimp.urls() == [TOKEN_URL]
+
+
+def test_bad_server_prefix_gives_502_and_the_token_goes_nowhere(
+        browser: Browser, mailchimp: FakeMailchimp) -> None:
+    mailchimp.replies[METADATA_URL] = (200, {**METADATA, "dc": "evil.example.com/x#"})
+    page = browser.connect()
+    assert page.status == HTTPStatus.BAD_GATEWAY and "Step 5 (metadata)" in page.text
+    assert mailchimp.urls() == [TOKEN_URL, METADATA_URL]
+
+
+def test_ping_problem_gives_502_quoting_the_problem_escaped(
+        browser: Browser, mailchimp: FakeMailchimp) -> None:
+    mailchimp.replies[PING_URL] = (503, {"type": "about:blank", "title": "Service Unavailable",
+                                         "detail": f"Down for maintenance {SCRIPT}"})
+    page = browser.connect()
+    assert page.status == HTTPStatus.BAD_GATEWAY and "Step 6 (ping)" in page.text
+    assert "Service Unavailable" in page.text and SCRIPT not in page.text
+
+
+def test_ping_with_markup_in_the_health_status_shows_it_as_text(
+        browser: Browser, mailchimp: FakeMailchimp) -> None:
+    mailchimp.replies[PING_URL] = (200, {"health_status": f"Chimpy {SCRIPT}"})
+    browser.connect()
+    page = browser.get("/")
+    assert "Chimpy &lt;script&gt;" in page.text and SCRIPT not in page.text
+
+
+def test_upstream_timeout_gives_504_and_the_server_keeps_serving(
+        browser: Browser, mailchimp: FakeMailchimp) -> None:
+    mailchimp.replies[METADATA_URL] = TimeoutError("timed out")
+    page = browser.connect()
+    assert page.status == HTTPStatus.GATEWAY_TIMEOUT
+    assert heading_and_status(page) == ("Mailchimp did not answer in time", "504 Gateway Timeout")
+    assert "did not answer within 10 s" in page.text
+    assert browser.get("/").status == HTTPStatus.OK
+
+
+def test_a_failed_flow_leaves_the_browser_unconnected(browser: Browser,
+                                                      mailchimp: FakeMailchimp) -> None:
+    mailchimp.replies[PING_URL] = (500, b"")
+    browser.connect()
+    assert "Connect with Mailchimp" in browser.get("/").text
+
+
+# --- what reaches the log ---------------------------------------------------
+
+def test_the_log_never_holds_the_secret_token_code_or_query(
+        browser: Browser, mailchimp: FakeMailchimp, log: pytest.LogCaptureFixture) -> None:
+    state = browser.start_login()
+    browser.callback(code=CODE, state=state)
+    browser.callback(code=CODE, state=state)  # a refused replay logs too
+    mailchimp.replies[TOKEN_URL] = (401, {"error": "invalid_client"})
+    browser.connect()
+    text = "\n".join(record.getMessage() for record in log.records)
+    assert "/oauth/mailchimp/callback -> 303" in text
+    for secret in (CLIENT_SECRET, TOKEN, CODE, state, "code=", "state="):
+        assert secret not in text
+
+
+def test_each_failure_logs_one_warning_naming_the_step(
+        browser: Browser, mailchimp: FakeMailchimp, log: pytest.LogCaptureFixture) -> None:
+    mailchimp.replies[TOKEN_URL] = (401, {"error": "invalid_client"})
+    browser.connect()
+    warnings = warnings_in(log)
+    assert len(warnings) == 1
+    assert "-> 502 Step 4 (token exchange) failed: Mailchimp answered 401" in warnings[0]
+
+
+# --- narration: each step, as it happens -----------------------------------
+
+def step_lines(log: pytest.LogCaptureFixture) -> list[str]:
+    return [record.getMessage() for record in log.records
+            if record.getMessage().startswith("step ") and record.levelno == logging.INFO]
+
+
+def test_a_login_narrates_each_step_once_in_order(
+        browser: Browser, log: pytest.LogCaptureFixture) -> None:
+    browser.connect()
+    assert [line[:6] for line in step_lines(log)] == [
+        "step 2", "step 3", "step 4", "step 5", "step 6", "step 7"]
+
+
+def test_the_narration_says_what_went_where_with_status_and_time(
+        browser: Browser, log: pytest.LogCaptureFixture) -> None:
+    browser.connect()
+    lines = dict(line.split(": ", 1) for line in step_lines(log))
+    assert "https://login.mailchimp.com/oauth2/authorize" in lines[demo.STEP_AUTHORIZE]
+    assert lines[demo.STEP_TOKEN].startswith(f"POST {TOKEN_URL} -> 200 in ")
+    assert lines[demo.STEP_METADATA].startswith(f"GET {METADATA_URL} -> 200 in ")
+    assert "server prefix us19" in lines[demo.STEP_METADATA]
+    assert lines[demo.STEP_PING].startswith(f"GET {PING_URL} -> 200 in ")
+    assert "Everything's Chimpy!" in lines[demo.STEP_PING]
+    assert "kept its token and server prefix in memory" in lines[demo.STEP_KEEP]
+
+
+def test_the_narration_shows_secrets_masked_or_not_at_all(
+        browser: Browser, log: pytest.LogCaptureFixture) -> None:
+    state = browser.start_login()
+    browser.callback(code=CODE, state=state)
+    text = "\n".join(step_lines(log))
+    for secret in (CLIENT_SECRET, TOKEN, CODE, state):
+        assert secret not in text
+    assert demo.mask(TOKEN) in text and demo.mask(CODE) in text and demo.mask(state) in text
+
+
+@pytest.mark.parametrize("url, scripted, step, hint", [
+    (TOKEN_URL, (401, {"error": "invalid_client"}), "Step 4", "rotated"),
+    (TOKEN_URL, (400, {"error": "invalid_grant"}), "Step 4", "redirect URI"),
+    (TOKEN_URL, (400, {"error": "invalid_request"}), "Step 4", "not JSON"),
+    (TOKEN_URL, urllib.error.URLError(OSError(-2, "Name or service not known")), "Step 4",
+     "internet connection"),
+    (TOKEN_URL, TimeoutError("timed out"), "Step 4", "--timeout"),
+    (METADATA_URL, (200, {**METADATA, "dc": "evil.example/x#"}), "Step 5", "went nowhere"),
+    (METADATA_URL, (401, {"error": "invalid_token"}), "Step 5", "OAuth <token>"),
+    (PING_URL, (401, {"title": "API Key Invalid"}), "Step 6", "removed the app"),
+    (PING_URL, (503, {"title": "Service Unavailable"}), "Step 6", "try again"),
+    (PING_URL, (200, b"pong"), "Step 6", "not what its guide describes"),
+])
+def test_each_failure_line_names_its_step_and_the_likely_cause(
+        browser: Browser, mailchimp: FakeMailchimp, log: pytest.LogCaptureFixture,
+        url: str, scripted: Any, step: str, hint: str) -> None:
+    mailchimp.replies[url] = scripted
+    browser.connect()
+    [warning] = warnings_in(log)
+    assert f"{step} (" in warning and "failed" in warning
+    assert "Hint: " in warning and hint in warning.split("Hint: ")[1]
+
+
+@pytest.mark.parametrize("query, says", [
+    ("code=x", "has no state"), ("code=x&state=" + "y" * 43, "Start again"),
+    ("state=" + "y" * 43 + "&state=z", "Start again"),
+])
+def test_a_refused_callback_line_names_step_3_and_what_to_do(
+        browser: Browser, log: pytest.LogCaptureFixture, query: str, says: str) -> None:
+    browser.start_login()
+    browser.get(f"{demo.CALLBACK_PATH}?{query}")
+    [warning] = warnings_in(log)
+    assert "Step 3 (callback) failed" in warning and says in warning
+
+
+class BrokenStore(demo.Store):
+    def load(self, session: str) -> demo.Connection | None:
+        raise RuntimeError("a bug")
+
+
+def test_a_bug_gives_a_plain_500_page_a_logged_traceback_and_the_server_lives_on(
+        mailchimp: FakeMailchimp, log: pytest.LogCaptureFixture) -> None:
+    server, _ = demo.make_server(CONFIG, port=0, opener=mailchimp, store=BrokenStore())
+    with serving(server):
+        browser = Browser(server.server_port)
+        browser.start_login()  # so the browser has a session for the broken store to load
+        page = browser.get("/")
+        assert page.status == HTTPStatus.INTERNAL_SERVER_ERROR
+        assert "Traceback" not in page.text and "a bug" not in page.text
+        assert browser.get("/auth/mailchimp").status == HTTPStatus.FOUND
+    [error] = [record for record in log.records if record.levelno == logging.ERROR]
+    assert "bug while answering GET /" in error.getMessage() and error.exc_info
+
+
+# ---------------------------------------------------------------------------
+# The store: step 7's connections
 # ---------------------------------------------------------------------------
 
 CONNECTION = demo.Connection(TOKEN, "us19", "Freddie's Jokes", "2026-11-29 08:00:00 UTC",
@@ -774,731 +1551,8 @@ def test_a_tampered_row_is_refused_not_used(tmp_path: Any, column: str, value: A
 
 
 # ---------------------------------------------------------------------------
-# The server, for real, on a free port
+# Serving HTTP, and the limits on what a request may do
 # ---------------------------------------------------------------------------
-
-@dataclass
-class Page:
-    status: int
-    headers: email.message.Message
-    text: str
-    url: str
-
-    def query(self) -> dict[str, str]:
-        location = self.headers["Location"]
-        return dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(location).query))
-
-
-def origin(url: str) -> str:
-    parts = urllib.parse.urlsplit(url)
-    return f"{parts.scheme}://{parts.netloc}"
-
-
-def form_origin(page: Page, target: str) -> str:
-    """The Origin a browser sends with a form POST from page to target, as the page's own
-    Referrer-Policy decides (Fetch standard, "append a request Origin header")."""
-    policy = page.headers.get("Referrer-Policy", "strict-origin-when-cross-origin")
-    downgrade = page.url.startswith("https:") and target.startswith("http:")
-    if policy == "no-referrer" or (policy == "same-origin" and origin(page.url) != origin(target)) \
-            or (downgrade and policy in ("strict-origin", "strict-origin-when-cross-origin",
-                                         "no-referrer-when-downgrade")):
-        return "null"
-    return origin(page.url)
-
-
-def fetch_site(page_url: str, target: str) -> str:
-    """Sec-Fetch-Site for a request from page_url to target (a site ignores the port)."""
-    if origin(page_url) == origin(target):
-        return "same-origin"
-    here, there = urllib.parse.urlsplit(page_url), urllib.parse.urlsplit(target)
-    same_site = (here.scheme, here.hostname) == (there.scheme, there.hostname)
-    return "same-site" if same_site else "cross-site"
-
-
-def foreign_page(url: str, referrer_policy: str = "") -> Page:
-    """A page of another site, with a form that posts to the app."""
-    headers = email.message.Message()
-    if referrer_policy:
-        headers["Referrer-Policy"] = referrer_policy
-    return Page(HTTPStatus.OK, headers, "", url)
-
-
-class Forms(html.parser.HTMLParser):
-    """A page's forms, as a browser submits them: action -> hidden fields."""
-
-    def __init__(self, text: str) -> None:
-        super().__init__()
-        self.forms: dict[str, dict[str, str]] = {}
-        self.action = ""
-        self.feed(text)
-
-    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        named = dict(attrs)
-        if tag == "form":
-            self.action = named["action"] or ""
-            self.forms[self.action] = {}
-        if tag == "input" and named.get("type") == "hidden":
-            self.forms[self.action][named["name"] or ""] = named["value"] or ""
-
-
-class Browser:
-    """Just enough of a browser: one cookie jar for 127.0.0.1 (whatever the port, as browsers
-    keep them), sent with every request but another site's POST (SameSite=Lax), follows
-    nothing, one connection a request."""
-
-    def __init__(self, port: int, address: str = "", tls: ssl.SSLContext | None = None) -> None:
-        self.origin = address or f"{'https' if tls else 'http'}://127.0.0.1:{port}"  # address:
-        self.port, self.tls = port, tls  # as a TLS proxy in front of the app shows it
-        self.cookies: dict[str, str] = {}
-
-    def request(self, method: str, target: str, body: bytes | None = None,
-                headers: dict[str, str] | None = None, cookies: bool = True) -> Page:
-        url = urllib.parse.urljoin(self.origin, target)
-        parts = urllib.parse.urlsplit(url)
-        host, port = ("127.0.0.1", self.port) if origin(url) == self.origin else (
-            parts.hostname, parts.port)
-        assert host == "127.0.0.1" and port, f"left loopback: {target}"
-        connection = http.client.HTTPSConnection(host, port, timeout=10, context=self.tls) \
-            if self.tls else http.client.HTTPConnection(host, port, timeout=10)
-        sent = dict(headers or {})
-        if self.cookies and cookies:
-            sent["Cookie"] = "; ".join(f"{name}={value}" for name, value in self.cookies.items())
-        connection.request(method, parts.path + (f"?{parts.query}" if parts.query else ""),
-                           body=body, headers=sent)
-        response = connection.getresponse()
-        text = response.read().decode()
-        connection.close()
-        for cookie in response.headers.get_all("Set-Cookie") or []:
-            name, _, rest = cookie.partition("=")
-            self.cookies[name] = rest.split(";")[0]
-            if "; Max-Age=0" in cookie:
-                del self.cookies[name]
-        return Page(response.status, response.headers, text, url)
-
-    def get(self, target: str, **headers: str) -> Page:
-        return self.request("GET", target, headers=headers)
-
-    def submit(self, page: Page, action: str, fields: dict[str, str] | None = None, *,
-               sends: str = "everything") -> Page:
-        """Press a button on page whose form posts to action, with the headers a browser
-        sends: "everything" as Chromium, Firefox and Safari 16.4+ do, "origin" as older
-        Safari (no Sec-Fetch-*), "nothing" as browsers older still."""
-        target = urllib.parse.urljoin(page.url, action)
-        headers = {"Content-Type": "application/x-www-form-urlencoded"}
-        if sends in ("everything", "origin"):
-            headers["Origin"] = form_origin(page, target)
-        if sends == "everything":
-            headers.update({"Sec-Fetch-Site": fetch_site(page.url, target),
-                            "Sec-Fetch-Mode": "navigate", "Sec-Fetch-Dest": "document",
-                            "Sec-Fetch-User": "?1"})
-        cross_site = fetch_site(page.url, target) == "cross-site"  # Lax: the cookie stays home
-        return self.request("POST", target, urllib.parse.urlencode(fields or {}).encode(),
-                            headers, cookies=not cross_site)
-
-    def press(self, action: str, sends: str = "everything") -> Page:
-        """Open the start page and press its button for action (Ping again, Disconnect)."""
-        page = self.get("/")
-        forms = Forms(page.text).forms
-        assert action in forms, "no such button"
-        return self.submit(page, action, forms[action], sends=sends)
-
-    def follow(self, page: Page) -> Page:
-        """Where a redirect leads, as a browser goes there: a GET."""
-        assert page.status in (HTTPStatus.FOUND, HTTPStatus.SEE_OTHER), page.status
-        return self.get(page.headers["Location"])
-
-    def start_login(self) -> str:
-        """Step 2, as the browser sees it; returns the state Mailchimp would send back."""
-        return self.get("/auth/mailchimp").query()["state"]
-
-    def callback(self, **params: str) -> Page:
-        return self.get(f"{demo.CALLBACK_PATH}?{urllib.parse.urlencode(params)}")
-
-    def connect(self) -> Page:
-        """Steps 2 to 7 with Mailchimp approving."""
-        return self.callback(code=CODE, state=self.start_login())
-
-
-def post_form(url: str, fields: dict[str, str]) -> Page:
-    """A server-to-server form POST, as the app's token request is."""
-    return Browser(0).request("POST", url, urllib.parse.urlencode(fields).encode(),
-                              {"Content-Type": "application/x-www-form-urlencoded"})
-
-
-@pytest.fixture
-def clock() -> Clock:
-    return Clock()
-
-
-@contextlib.contextmanager
-def serving(server: demo.Server) -> Iterator[demo.Server]:
-    """Run a server in a thread for the length of a test."""
-    thread = threading.Thread(target=server.serve_forever, args=(0.01,), daemon=True)
-    thread.start()
-    try:
-        yield server
-    finally:
-        server.shutdown()
-        server.server_close()
-        server.stop(5)
-        thread.join()
-
-
-@pytest.fixture
-def server(mailchimp: FakeMailchimp, clock: Clock) -> Iterator[demo.Server]:
-    config = demo.Config(client_id=CLIENT_ID, client_secret=CLIENT_SECRET)
-    server, _ = demo.make_server(config, port=0, opener=mailchimp, request_timeout=0.5,
-                                 logins=demo.PendingLogins(clock=clock))
-    with serving(server):
-        yield server
-
-
-@pytest.fixture
-def browser(server: demo.Server) -> Browser:
-    return Browser(server.server_port)
-
-
-def warnings_in(log: pytest.LogCaptureFixture) -> list[str]:
-    return [record.getMessage() for record in log.records if record.levelno == logging.WARNING]
-
-
-@pytest.fixture
-def log(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
-    caplog.set_level(logging.DEBUG, logger="mailchimp_oauth_demo")
-    return caplog
-
-
-def redirect_uri(server: demo.Server) -> str:
-    return f"http://127.0.0.1:{server.server_port}{demo.CALLBACK_PATH}"
-
-
-def test_index_links_to_the_login(browser: Browser) -> None:
-    page = browser.get("/")
-    assert page.status == HTTPStatus.OK
-    assert 'href="/auth/mailchimp"' in page.text
-
-
-def test_login_redirects_to_mailchimp_with_a_state_bound_to_a_session_cookie(
-        browser: Browser, server: demo.Server) -> None:
-    page = browser.get("/auth/mailchimp")
-    assert page.status == HTTPStatus.FOUND
-    assert page.headers["Location"].startswith("https://login.mailchimp.com/oauth2/authorize?")
-    assert page.query()["redirect_uri"] == redirect_uri(server)
-    assert len(page.query()["state"]) >= 43  # 256 bits, url-safe base64
-    cookie = page.headers["Set-Cookie"]
-    assert cookie.startswith(demo.SESSION_COOKIE + "=")
-    assert "; HttpOnly" in cookie and "; SameSite=Lax" in cookie
-
-
-def test_the_whole_flow_connects_and_shows_the_result(
-        browser: Browser, server: demo.Server, mailchimp: FakeMailchimp) -> None:
-    page = browser.connect()
-    assert (page.status, page.headers["Location"]) == (HTTPStatus.SEE_OTHER, "/")
-    assert CODE not in page.headers["Location"]  # RFC 6749 §3.1.2.5: the code leaves the URL
-    result = browser.get("/")
-    assert "Freddie&#x27;s Jokes" in result.text and "us19" in result.text
-    assert "Everything&#x27;s Chimpy!" in result.text
-    assert demo.mask(TOKEN) in result.text and TOKEN not in result.text
-    assert mailchimp.urls() == [TOKEN_URL, METADATA_URL, PING_URL]
-
-
-def test_the_token_exchange_sends_the_five_form_fields(
-        browser: Browser, server: demo.Server, mailchimp: FakeMailchimp) -> None:
-    browser.connect()
-    token = mailchimp.sent[0]
-    assert token.method == "POST"
-    assert token.headers["Content-Type"] == "application/x-www-form-urlencoded"
-    assert token.form == {"grant_type": ["authorization_code"], "client_id": [CLIENT_ID],
-                          "client_secret": [CLIENT_SECRET], "code": [CODE],
-                          "redirect_uri": [redirect_uri(server)]}
-    assert "Authorization" not in token.headers
-
-
-def test_metadata_and_ping_carry_the_token_and_nothing_else_secret(
-        browser: Browser, mailchimp: FakeMailchimp) -> None:
-    browser.connect()
-    metadata, ping = mailchimp.sent[1:]
-    assert (metadata.method, metadata.headers["Authorization"]) == ("GET", f"OAuth {TOKEN}")
-    assert (ping.method, ping.headers["Authorization"]) == ("GET", f"Bearer {TOKEN}")
-    for sent in (metadata, ping):
-        assert CLIENT_SECRET not in str(sent) and CODE not in str(sent)
-
-
-def test_another_browser_sees_the_start_page_not_the_connection(
-        browser: Browser, server: demo.Server) -> None:
-    browser.connect()
-    stranger = Browser(server.server_port)
-    assert "Connect with Mailchimp" in stranger.get("/").text
-
-
-def test_two_tabs_started_in_one_browser_both_connect(browser: Browser) -> None:
-    first, second = browser.start_login(), browser.start_login()
-    assert browser.callback(code=CODE, state=second).status == HTTPStatus.SEE_OTHER
-    assert browser.callback(code=CODE, state=first).status == HTTPStatus.SEE_OTHER
-
-
-def test_login_rotates_the_session_cookie(browser: Browser, server: demo.Server) -> None:
-    browser.start_login()
-    before = dict(browser.cookies)
-    browser.connect()
-    assert browser.cookies[demo.SESSION_COOKIE] != before[demo.SESSION_COOKIE]
-    planted = Browser(server.server_port)  # whoever knew the old id
-    planted.cookies = before
-    assert "Connect with Mailchimp" in planted.get("/").text
-
-
-def test_the_session_cookie_is_secure_when_the_app_is_served_over_https(
-        mailchimp: FakeMailchimp) -> None:
-    config = demo.Config(CLIENT_ID, CLIENT_SECRET, base_url="https://demo.example")
-    server, _ = demo.make_server(config, port=0, opener=mailchimp)
-    with serving(server):
-        cookie = Browser(server.server_port).get("/auth/mailchimp").headers["Set-Cookie"]
-    assert cookie.endswith("; Secure")
-
-
-def test_the_session_cookie_is_not_secure_on_plain_http(browser: Browser) -> None:
-    assert "Secure" not in browser.get("/auth/mailchimp").headers["Set-Cookie"]
-
-
-def test_the_connected_page_offers_ping_again_and_disconnect_as_buttons(
-        browser: Browser) -> None:
-    browser.connect()
-    page = browser.get("/")
-    forms = Forms(page.text).forms
-    assert forms == {"/ping": {"do": "ping"}, "/disconnect": {"do": "disconnect"}}  # lynx
-    # sends a form without fields as a GET: with one, it posts it as every browser does
-    assert "Last ping</dt><dd>" in page.text and "<code>us19</code>" in page.text
-
-
-def test_ping_again_uses_the_kept_token_and_the_page_shows_the_fresh_result(
-        browser: Browser, mailchimp: FakeMailchimp) -> None:
-    browser.connect()
-    mailchimp.sent.clear()
-    mailchimp.replies[PING_URL] = (200, {"health_status": "Still Chimpy"})
-    page = browser.press("/ping")
-    assert (page.status, page.headers["Location"]) == (HTTPStatus.SEE_OTHER, "/")
-    assert [(sent.url, sent.headers["Authorization"]) for sent in mailchimp.sent] == [
-        (PING_URL, f"Bearer {TOKEN}")]
-    assert ": Still Chimpy</dd>" in browser.get("/").text
-
-
-def test_ping_again_after_the_user_revoked_access_says_so_and_forgets_the_token(
-        browser: Browser, mailchimp: FakeMailchimp) -> None:
-    browser.connect()
-    mailchimp.replies[PING_URL] = (401, {"title": "API Key Invalid", "detail": "Revoked."})
-    page = browser.press("/ping")
-    assert page.status == HTTPStatus.BAD_GATEWAY
-    assert "removed the app" in page.text and "forgotten" in page.text
-    assert "Connect with Mailchimp" in browser.get("/").text
-
-
-def test_ping_again_that_fails_otherwise_keeps_the_connection(
-        browser: Browser, mailchimp: FakeMailchimp) -> None:
-    browser.connect()
-    mailchimp.replies[PING_URL] = (503, {"title": "Service Unavailable"})
-    assert browser.press("/ping").status == HTTPStatus.BAD_GATEWAY
-    assert "Connected to Mailchimp" in browser.get("/").text
-
-
-def test_ping_again_without_a_connection_goes_to_the_start_page(
-        browser: Browser, mailchimp: FakeMailchimp) -> None:
-    page = browser.submit(browser.get("/"), "/ping")
-    assert (page.status, page.headers["Location"]) == (HTTPStatus.SEE_OTHER, "/")
-    assert mailchimp.sent == []
-
-
-def test_disconnect_forgets_the_connection_and_explains_revoking(
-        browser: Browser, mailchimp: FakeMailchimp) -> None:
-    browser.connect()
-    sent = len(mailchimp.sent)
-    pressed = browser.press("/disconnect")
-    assert (pressed.status, pressed.headers["Location"]) == (HTTPStatus.SEE_OTHER,
-                                                             "/disconnected")  # reloads: GET
-    assert "Max-Age=0" in pressed.headers["Set-Cookie"]
-    page = browser.follow(pressed)
-    assert page.status == HTTPStatus.OK and "remove the app in your Mailchimp account" in page.text
-    assert "Connect with Mailchimp" in browser.get("/").text
-    assert len(mailchimp.sent) == sent  # nothing to tell Mailchimp: it has no revocation
-
-
-def test_our_pages_let_the_browser_send_our_origin_with_their_forms(browser: Browser) -> None:
-    page = browser.get("/")  # the Origin follows from the page's own Referrer-Policy
-    assert form_origin(page, f"{browser.origin}/disconnect") == browser.origin
-    assert form_origin(page, "https://other.example/") == "null"  # and nothing for others
-
-
-@pytest.mark.parametrize("action", ["/ping", "/disconnect"])
-@pytest.mark.parametrize("sends", ["everything", "origin", "nothing"])
-def test_the_buttons_work_in_every_browser(browser: Browser, mailchimp: FakeMailchimp,
-                                           action: str, sends: str) -> None:
-    browser.connect()
-    mailchimp.replies[PING_URL] = (200, {"health_status": "Pinged again"})
-    assert browser.press(action, sends=sends).status == HTTPStatus.SEE_OTHER
-    after = browser.get("/").text
-    assert ("Pinged again" in after) if action == "/ping" else ("Connect with" in after)
-
-
-@pytest.mark.parametrize("action", ["/ping", "/disconnect"])
-@pytest.mark.parametrize("url, policy, sends", [
-    ("http://127.0.0.1:9999/", "", "everything"),  # same site, other port: SameSite lets it by
-    ("https://evil.example/", "", "everything"),
-    ("http://evil.example/", "", "origin"),  # a browser without Sec-Fetch-*
-    ("http://evil.example/", "no-referrer", "origin"),  # Origin: null
-    ("http://evil.example/", "no-referrer", "everything"),
-])
-def test_the_buttons_pressed_on_another_site_change_nothing(
-        browser: Browser, mailchimp: FakeMailchimp, action: str, url: str, policy: str,
-        sends: str) -> None:
-    browser.connect()
-    sent = len(mailchimp.sent)
-    page = browser.submit(foreign_page(url, policy), urllib.parse.urljoin(browser.origin, action),
-                          sends=sends)
-    assert page.status == HTTPStatus.FORBIDDEN and "another site" in page.text
-    assert "Connected to Mailchimp" in browser.get("/").text
-    assert len(mailchimp.sent) == sent  # and nothing went to Mailchimp
-
-
-@pytest.mark.parametrize("origin, fetch_site", [
-    ("http://127.0.0.1:3000", "cross-site"),  # Sec-Fetch-Site alone says no ...
-    ("", "same-site"),  # ... and here too, where no Origin came
-    ("http://127.0.0.1:3001", ""),  # Origin alone says no
-    ("null", "same-origin"),
-])
-def test_each_half_of_the_same_origin_check_refuses_on_its_own(
-        open_store: Callable[..., demo.Store], origin: str, fetch_site: str) -> None:
-    app = demo.OAuthDemo(CONFIG, opener=FakeMailchimp(), store=open_store(),
-                         logins=demo.PendingLogins())
-    visit = demo.Visit("/ping", origin=origin, fetch_site=fetch_site)
-    assert flow_error(app.check_same_origin, visit, "ping again").status == HTTPStatus.FORBIDDEN
-
-
-@pytest.mark.parametrize("action", ["/ping", "/disconnect"])
-def test_get_on_a_button_changes_nothing(browser: Browser, mailchimp: FakeMailchimp,
-                                         action: str) -> None:
-    browser.connect()
-    sent = len(mailchimp.sent)
-    page = browser.get(action)
-    assert (page.status, page.headers["Allow"]) == (HTTPStatus.METHOD_NOT_ALLOWED, "POST")
-    assert "Connected to Mailchimp" in browser.get("/").text and len(mailchimp.sent) == sent
-
-
-def test_a_restart_with_the_same_store_keeps_the_user_connected(
-        mailchimp: FakeMailchimp, tmp_path: Any, log: pytest.LogCaptureFixture) -> None:
-    path = str(tmp_path / "store.db")
-    config = demo.Config(CLIENT_ID, CLIENT_SECRET)
-    first, _ = demo.make_server(config, port=0, opener=mailchimp, store=demo.Store(path))
-    with serving(first):
-        browser = Browser(first.server_port)
-        browser.connect()
-    assert f"kept its token and server prefix in {path}," in log.text
-    second, _ = demo.make_server(config, port=0, opener=mailchimp, store=demo.Store(path))
-    with serving(second):
-        browser.origin, browser.port = second.origin, second.server_port
-        assert "Freddie&#x27;s Jokes" in browser.get("/").text
-        assert browser.press("/ping").status == HTTPStatus.SEE_OTHER
-
-
-def test_parallel_logins_are_all_kept(mailchimp: FakeMailchimp, tmp_path: Any) -> None:
-    server, _ = demo.make_server(CONFIG, port=0, opener=mailchimp,
-                                 store=demo.Store(str(tmp_path / "store.db")))
-    with serving(server):
-        browsers = [Browser(server.server_port) for _ in range(20)]
-        threads = [threading.Thread(target=browser.connect) for browser in browsers]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        assert all("Connected to Mailchimp" in browser.get("/").text for browser in browsers)
-    assert len(rows(tmp_path / "store.db")) == 20
-
-
-def test_a_store_locked_too_long_gives_503_keeps_nothing_and_the_server_lives_on(
-        mailchimp: FakeMailchimp, tmp_path: Any, log: pytest.LogCaptureFixture) -> None:
-    path = tmp_path / "store.db"
-    server, _ = demo.make_server(CONFIG, port=0, opener=mailchimp,
-                                 store=demo.Store(str(path), busy_timeout=0.05))
-    with serving(server):
-        browser = Browser(server.server_port)
-        with locked(path):
-            page = browser.connect()
-        assert page.status == HTTPStatus.SERVICE_UNAVAILABLE
-        assert "keeping the connection" in page.text and "locked" in page.text
-        assert "Connect with Mailchimp" in browser.get("/").text
-    assert rows(path) == []
-    assert any("-> 503 Step 7" in record.getMessage() for record in log.records)
-
-
-# --- step 3: the callback is checked before anything goes upstream ---------
-
-def test_callback_without_state_is_refused(browser: Browser,
-                                           mailchimp: FakeMailchimp) -> None:
-    browser.start_login()
-    assert browser.callback(code=CODE).status == HTTPStatus.BAD_REQUEST
-    assert mailchimp.sent == []
-
-
-def test_callback_with_a_made_up_state_is_refused(browser: Browser,
-                                                  mailchimp: FakeMailchimp) -> None:
-    browser.start_login()
-    page = browser.callback(code=CODE, state="x" * 43)
-    assert page.status == HTTPStatus.BAD_REQUEST
-    assert "does not carry the state this browser was given" in page.text
-    assert mailchimp.sent == []
-
-
-def test_callback_rejects_state_from_another_browser(
-        browser: Browser, server: demo.Server, mailchimp: FakeMailchimp) -> None:
-    state = browser.start_login()
-    attacker = Browser(server.server_port)
-    attacker.start_login()  # has a session of its own, just not the one this state belongs to
-    assert attacker.callback(code=CODE, state=state).status == HTTPStatus.BAD_REQUEST
-    assert Browser(server.server_port).callback(code=CODE, state=state).status == 400
-    assert mailchimp.sent == []
-    assert browser.callback(code=CODE, state=state).status == HTTPStatus.SEE_OTHER
-
-
-def test_callback_replayed_is_refused_the_second_time(browser: Browser,
-                                                      mailchimp: FakeMailchimp) -> None:
-    state = browser.start_login()
-    assert browser.callback(code=CODE, state=state).status == HTTPStatus.SEE_OTHER
-    assert browser.callback(code=CODE, state=state).status == HTTPStatus.BAD_REQUEST
-    assert len(mailchimp.sent) == 3  # one flow's worth, not two
-
-
-def test_callback_after_ten_minutes_is_refused(browser: Browser, clock: Clock,
-                                               mailchimp: FakeMailchimp) -> None:
-    state = browser.start_login()
-    clock.now += demo.LOGIN_LIFETIME + 1
-    assert browser.callback(code=CODE, state=state).status == HTTPStatus.BAD_REQUEST
-    assert mailchimp.sent == []
-
-
-def test_callback_without_code_is_refused(browser: Browser, mailchimp: FakeMailchimp) -> None:
-    page = browser.callback(state=browser.start_login())
-    assert page.status == HTTPStatus.BAD_REQUEST and "no code" in page.text
-    assert mailchimp.sent == []
-
-
-def test_deny_shows_a_friendly_page_with_mailchimps_words_escaped(
-        browser: Browser, mailchimp: FakeMailchimp) -> None:
-    page = browser.callback(state=browser.start_login(), error="access_denied",
-                            error_description=f"User said no {SCRIPT}")
-    assert page.status == HTTPStatus.FORBIDDEN
-    assert heading_and_status(page) == ("Access not granted", "403 Forbidden")
-    assert "Access was not granted" in page.text
-    assert "&lt;script&gt;" in page.text and SCRIPT not in page.text
-    assert mailchimp.sent == []
-
-
-def heading_and_status(page: Page) -> tuple[str, str]:
-    """What a problem page says first, and the status it shows beneath, smaller."""
-    [heading] = re.findall(r"<h1>(.*?)</h1>", page.text)
-    [status] = re.findall(r'<p class="status">(.*?)</p>', page.text)
-    return heading, status
-
-
-@pytest.mark.parametrize("error, hint", [
-    ("server_error", "try again"), ("temporarily_unavailable", "try again"),
-    ("unauthorized_client", "MAILCHIMP_CLIENT_ID"),
-])
-def test_an_authorization_error_other_than_deny_is_mailchimps_fault(
-        browser: Browser, mailchimp: FakeMailchimp, error: str, hint: str) -> None:
-    page = browser.callback(state=browser.start_login(), error=error)
-    assert page.status == HTTPStatus.BAD_GATEWAY and error in page.text and hint in page.text
-    assert mailchimp.sent == []
-
-
-# --- steps 4 to 6: every way Mailchimp's reply can be unusable --------------
-
-@pytest.mark.parametrize("scripted", [
-    (401, {"error": "invalid_client", "error_description": f"Client auth failed {SCRIPT}"}),
-    (500, b"<html><h1>Internal Server Error</h1>" + SCRIPT.encode() + b"</html>"),
-    (200, b"this is not JSON " + SCRIPT.encode()),
-    (200, {"expires_in": 0, "scope": None}),
-    (200, {"access_token": ""}),
-])
-def test_unusable_token_reply_gives_502_and_stops_the_flow(
-        browser: Browser, mailchimp: FakeMailchimp, scripted: tuple[int, Any]) -> None:
-    mailchimp.replies[TOKEN_URL] = scripted
-    page = browser.connect()
-    assert page.status == HTTPStatus.BAD_GATEWAY and "Step 4 (token exchange)" in page.text
-    assert SCRIPT not in page.text
-    assert mailchimp.urls() == [TOKEN_URL]
-
-
-@pytest.mark.parametrize("dc", ["evil.example.com/x#", "us1@127.0.0.9:1", "us19\r\nX: 1", 19])
-def test_bad_server_prefix_gives_502_and_the_token_goes_nowhere(
-        browser: Browser, mailchimp: FakeMailchimp, dc: Any) -> None:
-    mailchimp.replies[METADATA_URL] = (200, {**METADATA, "dc": dc})
-    page = browser.connect()
-    assert page.status == HTTPStatus.BAD_GATEWAY and "Step 5 (metadata)" in page.text
-    assert mailchimp.urls() == [TOKEN_URL, METADATA_URL]
-
-
-def test_metadata_refusing_the_token_gives_502(browser: Browser,
-                                               mailchimp: FakeMailchimp) -> None:
-    mailchimp.replies[METADATA_URL] = (401, {"error": "invalid_token"})
-    page = browser.connect()
-    assert page.status == HTTPStatus.BAD_GATEWAY and "invalid_token" in page.text
-    assert mailchimp.urls() == [TOKEN_URL, METADATA_URL]
-
-
-def test_ping_problem_gives_502_quoting_the_problem_escaped(
-        browser: Browser, mailchimp: FakeMailchimp) -> None:
-    mailchimp.replies[PING_URL] = (503, {"type": "about:blank", "title": "Service Unavailable",
-                                         "detail": f"Down for maintenance {SCRIPT}"})
-    page = browser.connect()
-    assert page.status == HTTPStatus.BAD_GATEWAY and "Step 6 (ping)" in page.text
-    assert "Service Unavailable" in page.text and SCRIPT not in page.text
-
-
-def test_ping_with_markup_in_the_health_status_shows_it_as_text(
-        browser: Browser, mailchimp: FakeMailchimp) -> None:
-    mailchimp.replies[PING_URL] = (200, {"health_status": f"Chimpy {SCRIPT}"})
-    browser.connect()
-    page = browser.get("/")
-    assert "Chimpy &lt;script&gt;" in page.text and SCRIPT not in page.text
-
-
-def test_upstream_timeout_gives_504_and_the_server_keeps_serving(
-        browser: Browser, mailchimp: FakeMailchimp) -> None:
-    mailchimp.replies[METADATA_URL] = TimeoutError("timed out")
-    page = browser.connect()
-    assert page.status == HTTPStatus.GATEWAY_TIMEOUT
-    assert heading_and_status(page) == ("Mailchimp did not answer in time", "504 Gateway Timeout")
-    assert "did not answer within 10 s" in page.text
-    assert browser.get("/").status == HTTPStatus.OK
-
-
-def test_unreachable_mailchimp_gives_502(browser: Browser, mailchimp: FakeMailchimp) -> None:
-    mailchimp.replies[TOKEN_URL] = urllib.error.URLError(ConnectionRefusedError(111, "refused"))
-    page = browser.connect()
-    assert page.status == HTTPStatus.BAD_GATEWAY and "Could not reach" in page.text
-
-
-def test_a_failed_flow_leaves_the_browser_unconnected(browser: Browser,
-                                                      mailchimp: FakeMailchimp) -> None:
-    mailchimp.replies[PING_URL] = (500, b"")
-    browser.connect()
-    assert "Connect with Mailchimp" in browser.get("/").text
-
-
-# --- what reaches the log ---------------------------------------------------
-
-def test_the_log_never_holds_the_secret_token_code_or_query(
-        browser: Browser, mailchimp: FakeMailchimp, log: pytest.LogCaptureFixture) -> None:
-    state = browser.start_login()
-    browser.callback(code=CODE, state=state)
-    browser.callback(code=CODE, state=state)  # a refused replay logs too
-    mailchimp.replies[TOKEN_URL] = (401, {"error": "invalid_client"})
-    browser.connect()
-    text = "\n".join(record.getMessage() for record in log.records)
-    assert "/oauth/mailchimp/callback -> 303" in text
-    for secret in (CLIENT_SECRET, TOKEN, CODE, state, "code=", "state="):
-        assert secret not in text
-
-
-def test_each_failure_logs_one_warning_naming_the_step(
-        browser: Browser, mailchimp: FakeMailchimp, log: pytest.LogCaptureFixture) -> None:
-    mailchimp.replies[TOKEN_URL] = (401, {"error": "invalid_client"})
-    browser.connect()
-    warnings = warnings_in(log)
-    assert len(warnings) == 1
-    assert "-> 502 Step 4 (token exchange) failed: Mailchimp answered 401" in warnings[0]
-
-
-# --- narration: each step, as it happens -----------------------------------
-
-def step_lines(log: pytest.LogCaptureFixture) -> list[str]:
-    return [record.getMessage() for record in log.records
-            if record.getMessage().startswith("step ") and record.levelno == logging.INFO]
-
-
-def test_a_login_narrates_each_step_once_in_order(
-        browser: Browser, log: pytest.LogCaptureFixture) -> None:
-    browser.connect()
-    assert [line[:6] for line in step_lines(log)] == [
-        "step 2", "step 3", "step 4", "step 5", "step 6", "step 7"]
-
-
-def test_the_narration_says_what_went_where_with_status_and_time(
-        browser: Browser, log: pytest.LogCaptureFixture) -> None:
-    browser.connect()
-    lines = dict(line.split(": ", 1) for line in step_lines(log))
-    assert "https://login.mailchimp.com/oauth2/authorize" in lines[demo.STEP_AUTHORIZE]
-    assert lines[demo.STEP_TOKEN].startswith(f"POST {TOKEN_URL} -> 200 in ")
-    assert lines[demo.STEP_METADATA].startswith(f"GET {METADATA_URL} -> 200 in ")
-    assert "server prefix us19" in lines[demo.STEP_METADATA]
-    assert lines[demo.STEP_PING].startswith(f"GET {PING_URL} -> 200 in ")
-    assert "Everything's Chimpy!" in lines[demo.STEP_PING]
-    assert "kept its token and server prefix in memory" in lines[demo.STEP_KEEP]
-
-
-def test_the_narration_shows_secrets_masked_or_not_at_all(
-        browser: Browser, log: pytest.LogCaptureFixture) -> None:
-    state = browser.start_login()
-    browser.callback(code=CODE, state=state)
-    text = "\n".join(step_lines(log))
-    for secret in (CLIENT_SECRET, TOKEN, CODE, state):
-        assert secret not in text
-    assert demo.mask(TOKEN) in text and demo.mask(CODE) in text and demo.mask(state) in text
-
-
-@pytest.mark.parametrize("url, scripted, step, hint", [
-    (TOKEN_URL, (401, {"error": "invalid_client"}), "Step 4", "rotated"),
-    (TOKEN_URL, (400, {"error": "invalid_grant"}), "Step 4", "redirect URI"),
-    (TOKEN_URL, (400, {"error": "invalid_request"}), "Step 4", "not JSON"),
-    (TOKEN_URL, urllib.error.URLError(OSError(-2, "Name or service not known")), "Step 4",
-     "internet connection"),
-    (TOKEN_URL, TimeoutError("timed out"), "Step 4", "--timeout"),
-    (METADATA_URL, (200, {**METADATA, "dc": "evil.example/x#"}), "Step 5", "went nowhere"),
-    (METADATA_URL, (401, {"error": "invalid_token"}), "Step 5", "OAuth <token>"),
-    (PING_URL, (401, {"title": "API Key Invalid"}), "Step 6", "removed the app"),
-    (PING_URL, (503, {"title": "Service Unavailable"}), "Step 6", "try again"),
-    (PING_URL, (200, b"pong"), "Step 6", "not what its guide describes"),
-])
-def test_each_failure_line_names_its_step_and_the_likely_cause(
-        browser: Browser, mailchimp: FakeMailchimp, log: pytest.LogCaptureFixture,
-        url: str, scripted: Any, step: str, hint: str) -> None:
-    mailchimp.replies[url] = scripted
-    browser.connect()
-    [warning] = warnings_in(log)
-    assert f"{step} (" in warning and "failed" in warning
-    assert "Hint: " in warning and hint in warning.split("Hint: ")[1]
-
-
-@pytest.mark.parametrize("query, says", [
-    ("code=x", "has no state"), ("code=x&state=" + "y" * 43, "Start again"),
-    ("state=" + "y" * 43 + "&state=z", "Start again"),
-])
-def test_a_refused_callback_line_names_step_3_and_what_to_do(
-        browser: Browser, log: pytest.LogCaptureFixture, query: str, says: str) -> None:
-    browser.start_login()
-    browser.get(f"{demo.CALLBACK_PATH}?{query}")
-    [warning] = warnings_in(log)
-    assert "Step 3 (callback) failed" in warning and says in warning
-
-
-class BrokenStore(demo.Store):
-    def load(self, session: str) -> demo.Connection | None:
-        raise RuntimeError("a bug")
-
-
-def test_a_bug_gives_a_plain_500_page_a_logged_traceback_and_the_server_lives_on(
-        mailchimp: FakeMailchimp, log: pytest.LogCaptureFixture) -> None:
-    server, _ = demo.make_server(CONFIG, port=0, opener=mailchimp, store=BrokenStore())
-    with serving(server):
-        browser = Browser(server.server_port)
-        browser.start_login()  # so the browser has a session for the broken store to load
-        page = browser.get("/")
-        assert page.status == HTTPStatus.INTERNAL_SERVER_ERROR
-        assert "Traceback" not in page.text and "a bug" not in page.text
-        assert browser.get("/auth/mailchimp").status == HTTPStatus.FOUND
-    [error] = [record for record in log.records if record.levelno == logging.ERROR]
-    assert "bug while answering GET /" in error.getMessage() and error.exc_info
-
-
-# --- HTTP itself ------------------------------------------------------------
 
 @pytest.mark.parametrize("target", ["/", "/auth/mailchimp", f"{demo.CALLBACK_PATH}?state=x",
                                     "/nowhere", "/%00"])
@@ -2102,7 +2156,7 @@ def test_a_disconnect_while_a_ping_is_on_its_way_stays_done(
 
 
 # ---------------------------------------------------------------------------
-# Configuration and the command line
+# The command line: settings from the environment, start-up, stop
 # ---------------------------------------------------------------------------
 ENV = {"MAILCHIMP_CLIENT_ID": CLIENT_ID, "MAILCHIMP_CLIENT_SECRET": CLIENT_SECRET}
 
@@ -2145,32 +2199,6 @@ def test_config_refuses_an_api_url_without_https_or_a_place_for_the_prefix(url: 
     with pytest.raises(demo.ConfigError, match="MAILCHIMP_API_URL") as refused:
         demo.config_from_env({**ENV, "MAILCHIMP_API_URL": url})
     assert "{dc}" in str(refused.value)  # the value as typed, or the rule about it
-
-
-@pytest.mark.parametrize("base_url, says", [
-    ("127.0.0.1:3000", "must look like"), ("javascript:alert(1)", "must look like"),
-    ("https://user@demo.example", "must look like"), ("http://127.0.0.1:99999", "must look like"),
-    ("http://127.0.0.1:3000/app", "has a path"), ("http://127.0.0.1:3000/?x", "has a query"),
-    ("http://127.0.0.1:3000#top", "has a fragment"),
-    ("http://example.com", "plain text"), ("http://192.168.1.5:3000", "plain text"),
-])
-def test_config_refuses_a_base_url_that_is_not_a_safe_origin(base_url: str, says: str) -> None:
-    with pytest.raises(demo.ConfigError, match=f"--base-url '{re.escape(base_url)}' .*{says}"):
-        demo.config_from_env(ENV, base_url=base_url)
-
-
-@pytest.mark.parametrize("base_url, origin", [
-    ("https://Example.COM:443/", "https://example.com"), ("http://LOCALHOST:80", "http://localhost"),
-    ("http://[::1]:3000", "http://[::1]:3000"), ("https://demo.example:8443", "https://demo.example:8443"),
-])
-def test_config_writes_the_base_url_as_browsers_write_origins(base_url: str, origin: str) -> None:
-    config = demo.config_from_env(ENV, base_url=base_url)
-    assert (config.base_url, config.redirect_uri) == (origin, origin + demo.CALLBACK_PATH)
-
-
-def test_config_never_shows_the_secret_in_its_repr() -> None:
-    assert CLIENT_SECRET not in repr(CONFIG)
-
 
 
 MODULE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mailchimp_oauth_demo.py")
@@ -2332,68 +2360,6 @@ def test_the_readmes_login_and_callback_handlers_connect_with_a_scripted_mailchi
     assert names["finish_login"](session, "user-1", f"code={CODE}&state={state}") == (
         HTTPStatus.SEE_OTHER, "Connected.")
     assert names["database"] == {"user-1": (TOKEN, "us19")} and session == {}
-
-
-def the_steps(path: Any) -> Any:
-    """The module as the README says to copy only the steps: all above "# End of the steps"."""
-    lines = pathlib.Path(MODULE).read_text(encoding="utf-8").splitlines(keepends=True)
-    end = next(n for n, line in enumerate(lines) if line.startswith("# End of the steps"))
-    path.write_text("".join(lines[:end]), encoding="utf-8")
-    return path
-
-
-def unused_and_undefined(source: str) -> tuple[set[str], set[str]]:
-    """The names a module imports but never uses, and those it uses but never defines: in
-    its code (as the compiler sees it) and in its annotations (as a type checker does)."""
-    table = symtable.symtable(source, "module", "exec")
-    defined = {symbol.get_name() for symbol in table.get_symbols()
-               if symbol.is_assigned() or symbol.is_imported()} | set(dir(builtins))
-    imported = {symbol.get_name() for symbol in table.get_symbols() if symbol.is_imported()}
-    tree = ast.parse(source)
-    annotations = [node.annotation for node in ast.walk(tree)
-                   if isinstance(node, (ast.arg, ast.AnnAssign)) and node.annotation] + [
-        node.returns for node in ast.walk(tree)
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.returns]
-    in_annotations = {name.id for annotation in annotations for name in ast.walk(annotation)
-                      if isinstance(name, ast.Name)}
-    in_code: set[str] = set()
-
-    def visit(scope: symtable.SymbolTable) -> None:
-        in_code.update(symbol.get_name() for symbol in scope.get_symbols()
-                       if symbol.is_referenced() and (scope is table or symbol.is_global()))
-        for child in scope.get_children():
-            visit(child)
-
-    visit(table)
-    used = in_code | in_annotations
-    return imported - used - {"annotations"}, used - defined
-
-
-def test_the_steps_copied_alone_import_what_they_use_and_need_nothing_below_them(
-        tmp_path: Any, mailchimp: FakeMailchimp, monkeypatch: pytest.MonkeyPatch) -> None:
-    steps = the_steps(tmp_path / "mailchimp_oauth_demo.py")
-    source = steps.read_text(encoding="utf-8")
-    assert unused_and_undefined(source) == (set(), set())
-    spec = importlib.util.spec_from_file_location("mailchimp_oauth_demo", steps)
-    assert spec is not None and spec.loader is not None
-    copied = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "mailchimp_oauth_demo", copied)  # the README imports it
-    spec.loader.exec_module(copied)
-    assert set(copied.__all__) <= set(vars(copied))
-    assert doctest.testmod(copied).failed == 0
-    [example] = readme_examples()
-    names: dict[str, Any] = {}
-    exec(compile(example, "README.md", "exec"), names)  # noqa: S102 -- our own README
-    names["opener"] = mailchimp
-    session: dict[str, str] = {}
-    state = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(
-        names["start_login"](session)).query))["state"]
-    assert names["finish_login"](session, "user-1", f"code={CODE}&state={state}")[0] == 303
-    assert names["database"] == {"user-1": (TOKEN, "us19")}
-
-
-def test_the_module_docstrings_example_runs() -> None:
-    assert doctest.testmod(demo).attempted >= 4 and doctest.testmod(demo).failed == 0
 
 
 def test_the_copy_recipe_leaves_a_module_that_runs_and_logs_in_without_the_sandbox(
