@@ -18,7 +18,7 @@ routes 1 to 3; this module splits the guide's step 3 into the four calls it make
 Then POST /ping uses the kept token again, and POST /disconnect forgets it.
 
 Try it offline with `python3 mailchimp_oauth_demo.py --sandbox` (a stand-in for Mailchimp:
-the last section of this file), or for real with MAILCHIMP_CLIENT_ID and
+the last section of the whole module), or for real with MAILCHIMP_CLIENT_ID and
 MAILCHIMP_CLIENT_SECRET set (`--help` lists the rest; the README tells the whole story).
 
 Or use the steps in your own app: everything above the line "# End of the steps" stands
@@ -91,13 +91,15 @@ class Config:
     base_url: str = ""  # where browsers reach this app, e.g. http://127.0.0.1:3000
     login_url: str = LOGIN_URL
     api_url: str = API_URL
-    timeout: float = 10.0  # seconds to wait for Mailchimp before answering 504
+    timeout: float = 10.0  # seconds for each call to Mailchimp (see send); then a 504
 
     def __post_init__(self) -> None:
         if self.base_url:  # written as browsers write origins, so that comparisons hold
             object.__setattr__(self, "base_url", check_base_url(self.base_url))
+        for name in ("login_url", "api_url"):  # paths are added to them: no trailing slash
+            object.__setattr__(self, name, getattr(self, name).rstrip("/"))
         check_upstream_url("login_url", self.login_url)  # the secret and tokens go there
-        check_upstream_url("api_url", self.api_url)
+        check_upstream_url("api_url", self.api_url, server_prefix=True)
 
     @property
     def redirect_uri(self) -> str:
@@ -153,10 +155,11 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def check_upstream_url(name: str, url: str) -> None:
+def check_upstream_url(name: str, url: str, *, server_prefix: bool = False) -> None:
     """Refuse plain http:// beyond this machine: the secret and tokens travel on these URLs.
-    (Messages quote the URL as given, {dc} and all.)"""
-    if name.endswith(("api_url", "API_URL")) and "{dc}" not in url:
+    No user@ (it can hide the real host), query or fragment (paths are added to them); the
+    API's needs {dc}, where the server prefix goes. Messages quote the URL as given."""
+    if server_prefix and "{dc}" not in url:
         raise ConfigError(f"{name} must contain {{dc}}, where the server prefix goes")
     try:
         parts = urllib.parse.urlsplit(url.replace("{dc}", "us1"))
@@ -180,11 +183,11 @@ STEP_CALLBACK = "step 3 (callback)"
 STEP_TOKEN = "step 4 (token exchange)"
 STEP_METADATA = "step 5 (metadata)"
 STEP_PING = "step 6 (ping)"
-STEP_KEEP = "step 7 (keeping the connection)"
 
 
 class FlowError(Exception):
-    """A step failed: the status to answer, the step, a message safe to show and to log, the
+    """A step failed: the status to answer, the step, a message fit to log and, HTML-escaped,
+    to show (no secret in it), the
     likely cause and fix, Mailchimp's own status when it answered with an error, and a
     heading for the page when the status alone would say it badly."""
 
@@ -226,8 +229,9 @@ def authorize_url(config: Config, state: str) -> str:
 
 
 def check_callback(query: str, state: str) -> str:
-    """Step 3: the code in the callback's query string, if its state is the one this browser
-    was given in step 2. Without that check anyone could send your browser here with their
+    """Step 3: the code in the callback's query string (the text after "?", as it came), if
+    its state is the one this browser was given in step 2; forget that state as you pass
+    it, so it works once. Without the check anyone could send your browser here with their
     own code, and connect you to their account (RFC 6749 §10.12)."""
     try:
         fields = parse_fields(query)
@@ -288,7 +292,8 @@ class Account:
 def find_account(opener: Opener, config: Config, token: str) -> Account:
     """Step 5: whose account the token opens and, above all, its server prefix, which
     becomes part of every API address: it must look like one (letters, then digits)."""
-    request = authorized_request(config.login_url + "/oauth2/metadata", f"OAuth {token}")
+    request = authorized_request(config.login_url + "/oauth2/metadata",
+                                 f"OAuth {token}")  # this endpoint's scheme; the API's is Bearer
     reply = send(opener, request, config.timeout, STEP_METADATA)
     data = reply_json(reply, STEP_METADATA)
     prefix = reply_field(data, STEP_METADATA, "dc")
@@ -350,7 +355,6 @@ ACCESS_TOKEN = re.compile(r"[A-Za-z0-9._~+/-]{1,512}=*")  # RFC 6750 §2.1: safe
 SERVER_PREFIX = re.compile(r"[a-z]{1,10}[0-9]{1,10}")  # "us19": nothing that can reshape a URL
 NO_NAME = "(Mailchimp gave no account name)"
 
-# The likely cause of each failure, and its fix, in words a newcomer can act on.
 # The likely cause of each failure and its fix, in words for any app: settings are named as
 # Config's fields (an app that reads them from elsewhere says so where it shows the hint).
 HINT_START_AGAIN = "Start again from the beginning, in this browser."
@@ -433,8 +437,9 @@ def send(opener: Opener, request: urllib.request.Request, timeout: float, step: 
 
 
 def read_reply(response: Any, deadline: float) -> bytes:
-    """The body, up to one byte past MAX_REPLY_BYTES, all of it by the deadline: urllib's
-    timeout bounds each wait for bytes, so a reply trickling in would take as long as it liked."""
+    """The body, up to one byte past MAX_REPLY_BYTES, by the deadline: urllib's timeout
+    bounds each wait for bytes, so a reply trickling in would take as long as it liked. (A
+    wait begun just before the deadline may still last one timeout past it.)"""
     chunks: list[bytes] = []
     left = MAX_REPLY_BYTES + 1
     while left > 0:
@@ -551,13 +556,15 @@ def parse_fields(text: str) -> dict[str, str]:
 
 
 def printable(text: str, limit: int = 200) -> str:
-    """Outside text made fit for a page or a log line: no control characters, bounded length."""
+    """Outside text made fit for a log line (and, once HTML-escaped, a page): no control
+    characters, bounded length."""
     cleaned = "".join(ch if ch.isprintable() else " " for ch in text[:limit])
     return cleaned + ("..." if len(text) > limit else "")
 
 
 def mask(secret: str) -> str:
-    """Enough of a token or code to recognise it, not enough to use it."""
+    """Enough of a token or code to recognise it, not enough to use it (and nothing at all
+    of one too short to spare four characters)."""
     return "..." + secret[-4:] if len(secret) >= 16 else "..."
 
 
@@ -787,6 +794,7 @@ class OAuthDemo:
                             f"{self.config.base_url}/.", heading="Refused: another site's button")
 
 
+STEP_KEEP = "step 7 (keeping the connection)"  # your app's step: the steps above stop at 6
 CHECK_SAME_ORIGIN = "the same-origin check (CSRF)"
 STORE_STEPS = {"/": "step 1 (start page)", CALLBACK_PATH: STEP_KEEP, "/ping": "ping again",
                "/disconnect": "disconnect"}  # what was being done when the store failed
@@ -1681,7 +1689,7 @@ def config_from_env(environ: Mapping[str, str], *, base_url: str = "",
     urls = {name: environ.get(name, default).rstrip("/") for name, default in (
         ("MAILCHIMP_LOGIN_URL", LOGIN_URL), ("MAILCHIMP_API_URL", API_URL))}
     for name, url in urls.items():
-        check_upstream_url(name, url)
+        check_upstream_url(name, url, server_prefix=name == "MAILCHIMP_API_URL")
     return Config(client_id=required(environ, "MAILCHIMP_CLIENT_ID"),
                   client_secret=required(environ, "MAILCHIMP_CLIENT_SECRET"),
                   base_url=check_base_url(base_url, "--base-url") if base_url else "",

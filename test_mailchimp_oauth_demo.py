@@ -2053,6 +2053,7 @@ def test_at_the_cap_the_slowest_unfinished_head_makes_way_for_a_newcomer(
                                  request_timeout=30)
     with serving(server), connections_to(server) as open_:
         slowest = open_(b"GET / HTTP/1.1\r\nX-Slow: a")  # a slowloris, one byte at a time
+        began = time.monotonic()
 
         def reading_heads(count: int) -> bool:
             return sum(handler.input.head_waiting_since() < math.inf
@@ -2064,6 +2065,7 @@ def test_at_the_cap_the_slowest_unfinished_head_makes_way_for_a_newcomer(
         visitors = [open_(GET) for _ in range(2)]
         assert all(sock.recv(12) == b"HTTP/1.1 200" for sock in visitors)  # after about 1 s
         assert slowest.recv(1) == b""  # cut off, with one of the others
+        assert time.monotonic() - began >= 1  # but not before its head was a second late
         assert sum(select.select([sock], [], [], 0)[0] != [] for sock in slow) == 1
     cutting = [line for line in warnings_in(log) if "cutting off" in line]
     assert cutting == ["cutting off the slowest unfinished requests to let new connections in"]
