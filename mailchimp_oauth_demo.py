@@ -586,7 +586,8 @@ def utc_now() -> str:
 
 # End of the steps ==========================================================
 # Everything above stands alone: copied into a file of its own, it is the flow for any
-# app. Below, this demo's web app around it, down to the sandbox at the very end.
+# app. Below, this demo's web app around it, down to the sandbox at the very end; the
+# app's imports are here rather than at the top, so that the part above needs none of them.
 
 import argparse
 import base64
