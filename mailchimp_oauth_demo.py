@@ -1794,20 +1794,30 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] = os.envi
         print(f"error: cannot listen on {args.host} port {args.port}: {err.strerror}{hint}",
               file=sys.stderr)
         return 2
+    stop_on_signals(server)
     print_banner(server, app)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     logger.setLevel(logging.WARNING if args.quiet else
                     logging.DEBUG if args.verbose else logging.INFO)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # systemd, docker: as Ctrl+C
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        server.server_close()  # new connections are refused from here on
-        print("stopping: finishing the requests being answered", flush=True)
-        if not server.stop(STOP_SECONDS):
-            print(f"requests still unanswered after {STOP_SECONDS:g} s were dropped")
-        print("stopped", flush=True)
+    server.serve_forever(poll_interval=0.1)  # how soon it notices a stop
+    server.server_close()  # new connections are refused from here on
+    print("stopping: finishing the requests being answered", flush=True)
+    if not server.stop(STOP_SECONDS):
+        print(f"requests still unanswered after {STOP_SECONDS:g} s were dropped")
+    print("stopped", flush=True)
     return 0
+
+
+def stop_on_signals(server: Server) -> None:
+    """Ctrl+C and SIGTERM (systemd, docker) end serve_forever in order: through
+    server.shutdown(), from a thread of its own as it must be, and not by raising
+    KeyboardInterrupt into whatever the main thread was doing (raised inside a weakref
+    callback, say, it is printed and lost, and the server never stops)."""
+    def stop(signum: int, frame: Any) -> None:
+        threading.Thread(target=server.shutdown, daemon=True).start()
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, stop)
 
 
 def print_banner(server: Server, app: OAuthDemo) -> None:

@@ -2269,7 +2269,8 @@ class HeldMailchimp:
 
 
 @pytest.mark.skipif(os.name != "posix", reason="SIGTERM is POSIX")
-def test_sigterm_lets_a_login_in_flight_finish_then_exits_0() -> None:
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl+C"])
+def test_a_stop_lets_a_login_in_flight_finish_then_exits_0(stop: signal.Signals) -> None:
     held = HeldMailchimp()
     upstream = demo.Server(("127.0.0.1", 0))
     upstream.app = held
@@ -2283,7 +2284,7 @@ def test_sigterm_lets_a_login_in_flight_finish_then_exits_0() -> None:
             target=lambda: answers.append(browser.callback(code=CODE, state=state)))
         login.start()
         assert held.arrived.wait(10)  # the login is in flight, at step 4
-        run.process.send_signal(signal.SIGTERM)
+        run.process.send_signal(stop)
         assert run.process.stdout is not None
         assert run.process.stdout.readline().startswith("stopping")
         with pytest.raises(ConnectionRefusedError):  # no new connection once a stop begins
