@@ -1617,15 +1617,17 @@ class RequestReader(io.BufferedReader):
     of the head and drops the rest (CPython issue 114782), so a hidden header goes unseen."""
 
     def readline(self, size: int | None = -1, /) -> bytes:
-        line = super().readline(size)
-        if b"\r" in line.removesuffix(b"\r\n"):
+        line = io.BufferedReader.readline(self, size)  # (not super(): this runs for every line)
+        cr = line.find(b"\r")  # one or none: the CR of a line is the one just before its LF
+        if cr >= 0 and (cr != len(line) - 2 or line[-1] != 0x0A):  # 0x0A: LF
             raise BadHead(HTTPStatus.BAD_REQUEST, "a bare CR in the request head")
         return line
 
 
 def head_problem(headers: email.message.Message, version: str) -> tuple[HTTPStatus, str]:
     """Why a request is refused once its head is read, and with what status; "" if it is not."""
-    problem = framing_problem(headers) or host_problem(headers, version)
+    names = [name.lower() for name in headers.keys()]  # once: these run for every request
+    problem = framing_problem(headers, names) or host_problem(headers, names, version)
     if problem:
         return HTTPStatus.BAD_REQUEST, problem
     if int(headers.get("Content-Length", "0")) > MAX_BODY_BYTES:  # before "100 Continue"
@@ -1633,30 +1635,31 @@ def head_problem(headers: email.message.Message, version: str) -> tuple[HTTPStat
     return HTTPStatus.OK, ""
 
 
-def framing_problem(headers: email.message.Message) -> str:
+def framing_problem(headers: email.message.Message, names: list[str]) -> str:
     """Why a request's length is ambiguous (RFC 9112 §5, §6.3), or "". Two readers of one
     ambiguous request can disagree on where it ends: the rest is smuggled in as another."""
     if headers.defects:  # a line with no colon, or a space before it: the parser stopped there
         return "a header line is malformed"
     if any("\n" in value for value in headers.values()):
         return "a header is folded over two lines"
-    lengths = [length.strip(" \t") for length in headers.get_all("Content-Length") or []]
+    lengths = [length.strip(" \t") for length in headers.get_all("Content-Length") or []
+               ] if "content-length" in names else []
     if len(lengths) > 1 or not all(re.fullmatch(r"[0-9]{1,9}", length) for length in lengths):
         return "Content-Length is repeated or not a number"
-    if "Transfer-Encoding" in headers:
+    if "transfer-encoding" in names:
         return "Transfer-Encoding is not accepted on requests"
     return ""
 
 
-def host_problem(headers: email.message.Message, version: str) -> str:
+def host_problem(headers: email.message.Message, names: list[str], version: str) -> str:
     """Why Host is unusable, or "": RFC 9112 §3.2 refuses an HTTP/1.1 request without one,
     with two (which would name the app?), or with one that is no host[:port]."""
-    hosts = headers.get_all("Host") or []
-    if len(hosts) > 1:
+    hosts = names.count("host")
+    if hosts > 1:
         return "Host is repeated"
     if not hosts:
         return "an HTTP/1.1 request has no Host" if version >= "HTTP/1.1" else ""
-    return "" if HOST.fullmatch(hosts[0].strip(" \t")) else "Host is not a host[:port]"
+    return "" if HOST.fullmatch(headers["Host"].strip(" \t")) else "Host is not a host[:port]"
 
 
 def connection_cap() -> int:
