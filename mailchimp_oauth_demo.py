@@ -1617,16 +1617,17 @@ class RequestReader(io.BufferedReader):
     of the head and drops the rest (CPython issue 114782), so a hidden header goes unseen."""
 
     def readline(self, size: int | None = -1, /) -> bytes:
-        line = io.BufferedReader.readline(self, size)  # (not super(): this runs for every line)
-        cr = line.find(b"\r")  # one or none: the CR of a line is the one just before its LF
-        if cr >= 0 and (cr != len(line) - 2 or line[-1] != 0x0A):  # 0x0A: LF
+        line = io.BufferedReader.readline(self, size)  # not super(): it runs for every line
+        # No CR but the one just before the LF. (A line with no LF is the last of a client
+        # that hung up: no one is answered.)
+        if line.find(b"\r") not in (-1, len(line) - 2):
             raise BadHead(HTTPStatus.BAD_REQUEST, "a bare CR in the request head")
         return line
 
 
 def head_problem(headers: email.message.Message, version: str) -> tuple[HTTPStatus, str]:
     """Why a request is refused once its head is read, and with what status; "" if it is not."""
-    names = [name.lower() for name in headers.keys()]  # once: these run for every request
+    names = [name.lower() for name in headers]  # once: these checks run for every request
     problem = framing_problem(headers, names) or host_problem(headers, names, version)
     if problem:
         return HTTPStatus.BAD_REQUEST, problem
