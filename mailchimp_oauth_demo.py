@@ -616,6 +616,8 @@ __all__ += ["OAuthDemo", "Store", "make_server", "main"]  # noqa: RUF022 -- in r
 # The app: the routes a browser follows through the steps, and what they remember
 # ---------------------------------------------------------------------------
 
+STEP_KEEP = "step 7 (keeping the connection)"  # the app's own step: the steps above stop at 6
+
 
 @dataclass(frozen=True)
 class Visit:
@@ -795,7 +797,6 @@ class OAuthDemo:
                             f"{self.config.base_url}/.", heading="Refused: another site's button")
 
 
-STEP_KEEP = "step 7 (keeping the connection)"  # your app's step: the steps above stop at 6
 CHECK_SAME_ORIGIN = "the same-origin check (CSRF)"
 STORE_STEPS = {"/": "step 1 (start page)", CALLBACK_PATH: STEP_KEEP, "/ping": "ping again",
                "/disconnect": "disconnect"}  # what was being done when the store failed
